@@ -1,0 +1,129 @@
+"""Input checks shared by every attention implementation in the package.
+
+Each check raises ``ValueError`` or ``TypeError`` with a message that names the argument, what it
+got and what it should be, so that a learner can fix the call without reading a traceback.
+"""
+
+import math
+from typing import NamedTuple, Optional
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+class Shapes(NamedTuple):
+    """The sizes of one attention call: q is (B, H, Nq, d), k and v are (B, Hkv, Nk, d)."""
+
+    B: int
+    H: int
+    Hkv: int
+    Nq: int
+    Nk: int
+    d: int
+
+
+def _describe(t: torch.Tensor) -> str:
+    return f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
+
+
+def check_tensor(name: str, t, want: str = "(B, H, N, d)") -> None:
+    """One tensor: a 4-d floating-point ``torch.Tensor`` with no empty dimension."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape {want}, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"{name} must be a floating-point tensor (float16, bfloat16, float32 or float64), "
+            f"got {t.dtype}; convert it with {name}.float()"
+        )
+    if t.dim() != 4:
+        raise ValueError(
+            f"{name} must have 4 dimensions {want}, got {t.dim()} ({_describe(t)}); "
+            f"a single head of shape (N, d) becomes (1, 1, N, d) with {name}[None, None]"
+        )
+    if 0 in t.shape:
+        raise ValueError(f"{name} has an empty dimension ({_describe(t)}); every size in {want} must be >= 1")
+
+
+def check_attention_inputs(q, k, v) -> Shapes:
+    """Check q (B, H, Nq, d), k (B, Hkv, Nk, d) and v (B, Hkv, Nk, d); return their sizes."""
+    check_tensor("q", q, "(B, H, Nq, d)")
+    check_tensor("k", k, "(B, Hkv, Nk, d)")
+    check_tensor("v", v, "(B, Hkv, Nk, d)")
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name}.dtype is {t.dtype} but q.dtype is {q.dtype}; q, k and v must share one dtype")
+        if t.device != q.device:
+            raise ValueError(
+                f"{name} is on {t.device} but q is on {q.device}; move all three to one device, "
+                f"e.g. {name}.to(q.device)"
+            )
+    B, H, Nq, d = q.shape
+    Bk, Hkv, Nk, dk = k.shape
+    if Bk != B:
+        raise ValueError(f"k has batch size {Bk} but q has {B} (q {tuple(q.shape)}, k {tuple(k.shape)})")
+    if dk != d:
+        raise ValueError(
+            f"k has head dim {dk} but q has {d}: q is (B, H, Nq, d) and k must be (B, Hkv, Nk, d) "
+            f"with the same d (got q {tuple(q.shape)}, k {tuple(k.shape)})"
+        )
+    if tuple(v.shape) != tuple(k.shape):
+        raise ValueError(
+            f"v must have the same shape as k, (B, Hkv, Nk, d) = {tuple(k.shape)}, got {tuple(v.shape)}"
+        )
+    if H % Hkv != 0:
+        raise ValueError(
+            f"q has {H} heads and k, v have {Hkv}: grouped-query attention needs H % Hkv == 0 "
+            f"(each key/value head serves H // Hkv query heads)"
+        )
+    return Shapes(B, H, Hkv, Nq, Nk, d)
+
+
+def check_like(name: str, t, like: torch.Tensor, like_name: str) -> None:
+    """``t`` must be a tensor with the shape, dtype and device of ``like`` (e.g. dO like O)."""
+    check_tensor(name, t)
+    if tuple(t.shape) != tuple(like.shape):
+        raise ValueError(f"{name} must have the shape of {like_name}, {tuple(like.shape)}, got {tuple(t.shape)}")
+    if t.dtype != like.dtype:
+        raise TypeError(f"{name}.dtype is {t.dtype} but {like_name}.dtype is {like.dtype}; they must match")
+    if t.device != like.device:
+        raise ValueError(f"{name} is on {t.device} but {like_name} is on {like.device}; they must share a device")
+
+
+def softmax_scale(scale: Optional[float], d: int) -> float:
+    """The factor applied to QKᵀ: ``scale`` if given, else 1/sqrt(d)."""
+    if scale is None:
+        return 1.0 / math.sqrt(d)
+    scale = float(scale)
+    if not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"scale must be a finite positive number (default 1/sqrt(d)), got {scale}")
+    return scale
+
+
+def causal_offset(Nq: int, Nk: int) -> int:
+    """Bottom-right causal alignment: query i sees key j exactly when j <= i + (Nk - Nq)."""
+    return Nk - Nq
+
+
+def causal_mask(Nq: int, Nk: int, device=None) -> torch.Tensor:
+    """Boolean (Nq, Nk) mask, True where query i may attend to key j (bottom-right aligned)."""
+    i = torch.arange(Nq, device=device)[:, None]
+    j = torch.arange(Nk, device=device)[None, :]
+    return j <= i + causal_offset(Nq, Nk)
+
+
+def expand_kv(t: torch.Tensor, H: int) -> torch.Tensor:
+    """(B, Hkv, N, d) -> (B, H, N, d): query head h reads key/value head h // (H // Hkv)."""
+    Hkv = t.shape[1]
+    return t if Hkv == H else t.repeat_interleave(H // Hkv, dim=1)
+
+
+def reduce_kv(t: torch.Tensor, Hkv: int) -> torch.Tensor:
+    """(B, H, N, d) -> (B, Hkv, N, d): sum the gradients of the H // Hkv query heads of each group."""
+    B, H, N, d = t.shape
+    return t if Hkv == H else t.view(B, Hkv, H // Hkv, N, d).sum(dim=2)
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the PyTorch implementations compute in: float64 stays, everything else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
