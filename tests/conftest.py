@@ -1,0 +1,14 @@
+"""Shared test set-up: flashcourse is imported first so that Triton's interpreter is on without a GPU."""
+
+import flashcourse  # noqa: F401  (must precede any import of triton)
+import pytest
+import torch
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
