@@ -15,7 +15,7 @@ import torch
 
 
 class SoftmaxState(NamedTuple):
-    """m (...,) running max, l (...,) running sum of exp(s − m), o (..., d) or None: Σ exp(s − m) v."""
+    """m (..., r) running max, l (..., r) running sum of exp(s − m), o (..., r, d) or None: Σ exp(s − m) v."""
 
     m: torch.Tensor
     l: torch.Tensor
@@ -43,7 +43,12 @@ def safe_softmax(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
 
 
 def block_state(s: torch.Tensor, v: Optional[torch.Tensor] = None) -> SoftmaxState:
-    """The state of one block of scores s (..., n) and optionally its values v (..., n, d)."""
+    """The state of one block of scores s (..., r, n) and optionally its values v (..., n, d).
+
+    m and l are (..., r); o = exp(s − m) v is (..., r, d), as in attention (r query rows, n keys).
+    """
+    if s.shape[-1] == 0:
+        return empty_state(s.shape[:-1], d=None if v is None else v.shape[-1], dtype=s.dtype, device=s.device)
     # m = max_j s_j
     m = s.amax(dim=-1)
     # p_j = exp(s_j − m)
