@@ -36,3 +36,21 @@ def check_kernel_device(**tensors: torch.Tensor) -> None:
             f"move the inputs to the GPU with {name}.cuda() (or set TRITON_INTERPRET=1 before "
             f"importing flashcourse to run the kernels in the CPU interpreter)"
         )
+
+
+@triton.jit
+def load_tile(base, rows, cols, stride_row, stride_col, n_rows, n_cols):
+    """The tile base[rows, cols] of shape (len(rows), len(cols)), zero outside n_rows × n_cols.
+
+    Swapping (rows, stride_row, n_rows) with (cols, stride_col, n_cols) loads the transposed tile,
+    e.g. Kᵀ_j of shape (d, B_c) from a K stored as (N, d).
+    """
+    mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+    return tl.load(base + rows[:, None] * stride_row + cols[None, :] * stride_col, mask=mask, other=0.0)
+
+
+@triton.jit
+def store_tile(base, tile, rows, cols, stride_row, stride_col, n_rows, n_cols):
+    """base[rows, cols] = tile, only inside n_rows × n_cols (the padded edges are not written)."""
+    mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+    tl.store(base + rows[:, None] * stride_row + cols[None, :] * stride_col, tile, mask=mask)
