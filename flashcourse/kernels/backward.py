@@ -79,10 +79,12 @@ def _preprocess(O, dO, Delta, stride_ob, stride_oh, stride_om, stride_od,
 
 @triton.jit
 def _row_stats(L_bh, Delta_bh, offs_m, Nq):
-    """(log2e · L_i, D_i) of the rows offs_m. Rows past Nq, and rows that see no key (L_i = −inf),
-    get L_i = +inf, so that their P_ij = exp(S_ij − L_i) is exactly 0 and never NaN."""
+    """(log2e · L_i, D_i) of the rows offs_m; rows past Nq get L_i = +inf, so that their P_ij = 0.
+
+    A row that sees no key (causal, Nq > Nk) has L_i = −inf: exp2(… − L_i) = inf there, but such a
+    row only ever meets keys of blocks that cross the diagonal, where the mask turns P_ij into 0.
+    """
     L_i = tl.load(L_bh + offs_m, mask=offs_m < Nq, other=float("inf"))
-    L_i = tl.where(L_i == float("-inf"), float("inf"), L_i)
     D_i = tl.load(Delta_bh + offs_m, mask=offs_m < Nq, other=0.0)
     return L_i * LOG2E, D_i
 
