@@ -1,0 +1,353 @@
+"""Measurements, figures and widgets the notebooks call, so that a notebook only explains and calls.
+
+Every ``plot_*`` function draws one figure with labelled axes and units and returns it. Every
+``*_stepper``/``*_walker`` function returns an ipywidgets slider wired to a ``plot_*`` function; it
+builds without a browser (the executed notebooks in the test suite build them headless).
+"""
+
+import math
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence
+
+import matplotlib.pyplot as plt
+import torch
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from .softmax import SoftmaxState, block_state, empty_state, finalize, merge_states
+from .tiled import _key_end
+
+GiB = 2**30
+
+
+# ----------------------------------------------------------------------------------------------------
+# Measuring memory
+# ----------------------------------------------------------------------------------------------------
+
+
+class _PeakTracker(TorchDispatchMode):
+    """Counts the bytes of every tensor storage created by torch ops while active, and their peak.
+
+    A storage stops counting when Python frees it, so ``peak`` is the most memory that the computation
+    held at once — on any device, without an allocator API (the CPU has none).
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.live: Dict[int, tuple] = {}
+        self.current = 0
+        self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for key, (ref, nbytes) in list(self.live.items()):
+            if ref.expired():
+                del self.live[key]
+                self.current -= nbytes
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                s = t.untyped_storage()
+                if s.data_ptr() not in self.live and s.nbytes() > 0:
+                    self.live[s.data_ptr()] = (StorageWeakRef(s), s.nbytes())
+                    self.current += s.nbytes()
+        self.peak = max(self.peak, self.current)
+        return out
+
+
+def peak_memory(fn: Callable, *args, **kwargs):
+    """Run ``fn(*args, **kwargs)``; return (its result, the peak bytes it allocated beyond its inputs).
+
+    On a GPU this is ``torch.cuda.max_memory_allocated`` above the memory in use before the call; on
+    the CPU every storage the call creates is counted while it is alive.
+    """
+    on_gpu = any(isinstance(a, torch.Tensor) and a.is_cuda for a in args)
+    if on_gpu:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        out = fn(*args, **kwargs)
+        torch.cuda.synchronize()
+        return out, torch.cuda.max_memory_allocated() - before
+    with _PeakTracker() as tracker:
+        out = fn(*args, **kwargs)
+    return out, tracker.peak
+
+
+def show_error(name: str, got: torch.Tensor, want: torch.Tensor, atol: float = 1e-5) -> None:
+    """Print one line: ✓ (within ``atol``) or ✗, the name, and the largest absolute difference.
+
+    NaN anywhere in ``got`` counts as an infinite error.
+    """
+    got, want = got.detach().double().cpu(), want.detach().double().cpu()
+    err = float("inf") if torch.isnan(got).any() else (got - want).abs().nan_to_num(0.0).max().item()
+    print(f"{'✓' if err <= atol else '✗'} {name}: max |error| = {err:.3g}")
+
+
+def _style(ax, xlabel: str, ylabel: str, title: Optional[str] = None):
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+
+
+def plot_matrices(mats: Dict[str, torch.Tensor], *, xlabel="key index j", ylabel="query index i", cmap="viridis"):
+    """Heat maps of (N, M) matrices side by side, e.g. the scores S and the probabilities P of one head."""
+    fig, axes = plt.subplots(1, len(mats), figsize=(4.2 * len(mats), 3.6), squeeze=False)
+    for ax, (title, m) in zip(axes[0], mats.items()):
+        m = m.detach().double().cpu()
+        im = ax.imshow(m.masked_fill(torch.isinf(m), float("nan")), cmap=cmap, aspect="auto")
+        fig.colorbar(im, ax=ax, shrink=0.8)
+        ax.set_title(title)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+    fig.tight_layout()
+    return fig
+
+
+def plot_memory_scaling(Ns: Sequence[int], measured: Dict[str, Sequence[float]], *, scale: float = 1.0,
+                        scale_label: str = "", limits: Optional[Dict[str, float]] = None, extrapolate_to: int = 0):
+    """Peak memory (GiB) against N on log-log axes, each curve fitted as c·N^p and extrapolated.
+
+    ``measured`` maps a label to bytes for one (batch, head); ``scale`` multiplies them (e.g. B·H of a
+    real model, named by ``scale_label``); ``limits`` maps a GPU name to its memory in bytes and draws
+    where each curve crosses it.
+    """
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    N_max = max(extrapolate_to, max(Ns))
+    grid = torch.logspace(math.log10(min(Ns)), math.log10(N_max), 100, dtype=torch.float64)
+    logN = torch.tensor(Ns, dtype=torch.float64).log()
+    for label, ys in measured.items():
+        y = torch.tensor(ys, dtype=torch.float64) * scale
+        # fit log y = p log N + log c on the largest three sizes (small N is dominated by fixed costs)
+        p, logc = torch.linalg.lstsq(torch.stack([logN[-3:], torch.ones(3, dtype=torch.float64)], 1),
+                                     y[-3:].log()[:, None]).solution[:, 0]
+        fit = (logc + p * grid.log()).exp()
+        line = ax.plot(Ns, (y / GiB).tolist(), "o", label=f"{label}: measured")[0]
+        ax.plot(grid.tolist(), (fit / GiB).tolist(), "--", color=line.get_color(), label=f"{label}: fit ∝ N^{p:.2f}")
+        for name, cap in (limits or {}).items():
+            N_out = float(((math.log(cap) - logc) / p).exp())
+            if N_out <= N_max:
+                ax.plot([N_out], [cap / GiB], "x", color=line.get_color(), markersize=10, mew=2)
+                ax.annotate(f"N ≈ {N_out:,.0f}", (N_out, cap / GiB), textcoords="offset points", xytext=(5, -14),
+                            color=line.get_color(), fontsize=8)
+    for name, cap in (limits or {}).items():
+        ax.axhline(cap / GiB, color="gray", linestyle=":")
+        ax.text(grid[0].item(), cap / GiB * 1.15, name, color="gray", fontsize=8)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    _style(ax, "sequence length N (tokens)", f"peak memory (GiB){scale_label}", "Attention memory against sequence length")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+# ----------------------------------------------------------------------------------------------------
+# Chapter 02: the online softmax, step by step
+# ----------------------------------------------------------------------------------------------------
+
+
+class OnlineStep(NamedTuple):
+    """The running state after ``end`` scores have been read, and the output it would give now."""
+
+    end: int
+    state: SoftmaxState
+    output: torch.Tensor
+
+
+def online_softmax_trace(s: torch.Tensor, v: torch.Tensor, block: int) -> List[OnlineStep]:
+    """Walk one score row s (N,) and its values v (N, d) in blocks; the state after every block.
+
+    Step 0 is the empty state; step t has merged blocks 0..t−1 with ``merge_states``.
+    """
+    state = empty_state((), d=v.shape[-1], dtype=s.dtype, device=s.device)
+    steps = [OnlineStep(0, state, torch.zeros_like(v[0]))]
+    for start in range(0, s.shape[-1], block):
+        state = merge_states(state, block_state(s[None, start : start + block], v[start : start + block]))
+        state = SoftmaxState(state.m.reshape(()), state.l.reshape(()), state.o.reshape(-1))
+        steps.append(OnlineStep(min(start + block, s.shape[-1]), state, finalize(state)[0]))
+    return steps
+
+
+def plot_online_step(s: torch.Tensor, v: torch.Tensor, block: int, step: int):
+    """Three panels for one step of the online softmax over the row s (N,) with values v (N, d)."""
+    trace = online_softmax_trace(s, v, block)
+    step = max(0, min(step, len(trace) - 1))
+    cur = trace[step]
+    exact = torch.softmax(s.double(), -1).to(v.dtype) @ v
+    fig, (a0, a1, a2) = plt.subplots(1, 3, figsize=(14, 3.6))
+    idx = torch.arange(s.shape[-1])
+    seen = idx < cur.end
+    a0.bar(idx[seen].tolist(), s[seen].tolist(), color="tab:blue", label="read")
+    a0.bar(idx[~seen].tolist(), s[~seen].tolist(), color="lightgray", label="not read yet")
+    for b in range(block, s.shape[-1], block):
+        a0.axvline(b - 0.5, color="k", lw=0.5, alpha=0.4)
+    if step > 0:
+        a0.axhline(cur.state.m.item(), color="tab:red", ls="--", label=f"running max m = {cur.state.m.item():.2f}")
+    _style(a0, "key index j", "score s_j (logit, unitless)", f"after block {step} of {len(trace) - 1}")
+    a0.legend(fontsize=8, loc="lower left")
+
+    ends = [t.end for t in trace[1:]]
+    ms = [t.state.m.item() for t in trace[1:]]
+    ls = [t.state.l.item() for t in trace[1:]]
+    a1.plot(ends, ms, "o-", color="tab:red", label="m (running max)")
+    a1b = a1.twinx()
+    a1b.plot(ends, ls, "s-", color="tab:green", label="ℓ (running sum of exp(s − m))")
+    if step > 0:
+        a1.axvline(cur.end, color="k", alpha=0.3)
+    _style(a1, "keys read so far", "m (logit)", "the running statistics")
+    a1b.set_ylabel("ℓ (sum of weights, unitless)")
+    a1.legend(loc="upper left", fontsize=8)
+    a1b.legend(loc="lower right", fontsize=8)
+
+    d = min(v.shape[-1], 8)
+    x = torch.arange(d)
+    a2.bar((x - 0.2).tolist(), cur.output[:d].tolist(), width=0.4, label="o / ℓ now")
+    a2.bar((x + 0.2).tolist(), exact[:d].tolist(), width=0.4, label="softmax(s) v (all keys)")
+    err = (cur.output - exact).abs().max().item()
+    _style(a2, "output feature", "value (unitless)", f"partial output, max |error| = {err:.2e}")
+    a2.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def _slider_widget(draw: Callable[[int], object], n_steps: int, description: str, value: int = 0):
+    """An IntSlider over 0..n_steps−1 that redraws ``draw(step)`` into an Output below it."""
+    import ipywidgets as widgets
+
+    slider = widgets.IntSlider(value=value, min=0, max=max(n_steps - 1, 0), description=description,
+                               continuous_update=False)
+    out = widgets.Output()
+
+    def redraw(change=None):
+        out.clear_output(wait=True)
+        with out:
+            fig = draw(slider.value)
+            plt.show()
+            plt.close(fig)
+
+    slider.observe(redraw, names="value")
+    redraw()
+    return widgets.VBox([slider, out])
+
+
+def online_softmax_stepper(s: torch.Tensor, v: torch.Tensor, block: int):
+    """A slider that walks the blocks of the online softmax (chapter 02) and redraws m, ℓ and o / ℓ."""
+    n_steps = math.ceil(s.shape[-1] / block) + 1
+    return _slider_widget(lambda t: plot_online_step(s, v, block, t), n_steps, "block", value=n_steps - 1)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Chapter 03: tiles, and the bytes they move
+# ----------------------------------------------------------------------------------------------------
+
+
+class Tile(NamedTuple):
+    """One (query block, key block) pair of the tiled loops and what the forward pass does with it."""
+
+    i0: int
+    j0: int
+    rows: int
+    cols: int
+    kind: str  # "full" (no mask), "masked" (crosses the causal diagonal), "skipped" (entirely masked)
+
+
+def tile_schedule(Nq: int, Nk: int, block_m: int, block_n: int, causal: bool = False) -> List[Tile]:
+    """Every tile of an Nq × Nk score matrix in the forward loop order (query blocks outer)."""
+    offset = Nk - Nq
+    tiles = []
+    for i0 in range(0, Nq, block_m):
+        rows = min(block_m, Nq - i0)
+        end = _key_end(i0 + rows, Nk, causal, offset)
+        for j0 in range(0, Nk, block_n):
+            cols = min(block_n, Nk - j0)
+            if j0 >= end:
+                kind = "skipped"
+            elif causal and j0 + cols - 1 > i0 + offset:
+                kind = "masked"
+            else:
+                kind = "full"
+            tiles.append(Tile(i0, j0, rows, cols, kind))
+    return tiles
+
+
+TILE_COLORS = {"full": "tab:blue", "masked": "tab:orange", "skipped": "whitesmoke"}
+
+
+def plot_tiles(Nq: int, Nk: int, block_m: int, block_n: int, causal: bool = False, step: Optional[int] = None):
+    """The score matrix cut into B_r × B_c tiles: computed, masked on the diagonal, or skipped.
+
+    With ``step``, the tiles computed so far are drawn solid, the current one outlined in red, and the
+    on-chip working set of that step (Q_i, K_j, V_j, the S_ij tile) is listed in the title.
+    """
+    from matplotlib.patches import Rectangle
+
+    tiles = tile_schedule(Nq, Nk, block_m, block_n, causal)
+    computed = [t for t in tiles if t.kind != "skipped"]
+    fig, ax = plt.subplots(figsize=(7.5, 5.0 * min(2.0, max(0.5, Nq / Nk))))
+    current = computed[min(step, len(computed) - 1)] if step is not None and computed else None
+    done = set(computed[: computed.index(current) + 1]) if current else set(computed)
+    for t in tiles:
+        alpha = 0.9 if (t in done or t.kind == "skipped") else 0.25
+        ax.add_patch(Rectangle((t.j0, t.i0), t.cols, t.rows, facecolor=TILE_COLORS[t.kind], edgecolor="k",
+                               lw=0.6, alpha=alpha))
+    if causal:
+        # the edge of the visible region: row i sees columns 0 .. i + Nk − Nq
+        rows = torch.arange(Nq + 1)
+        ax.step((rows + Nk - Nq).clamp(0, Nk).tolist(), rows.tolist(), where="post", color="tab:red", lw=1.2,
+                label="causal edge")
+    if current:
+        ax.add_patch(Rectangle((current.j0, current.i0), current.cols, current.rows, fill=False, edgecolor="red", lw=2.5))
+    ax.set_xlim(0, Nk)
+    ax.set_ylim(Nq, 0)
+    ax.set_aspect("equal")
+    n_skip = sum(t.kind == "skipped" for t in tiles)
+    title = f"{len(computed)} tiles computed, {n_skip} skipped (B_r={block_m}, B_c={block_n})"
+    if current:
+        title = (f"step {computed.index(current)}: Q_i rows {current.i0}–{current.i0 + current.rows - 1}, "
+                 f"K_j,V_j rows {current.j0}–{current.j0 + current.cols - 1}\n({current.kind} tile)")
+    ax.set_title(title, fontsize=9)
+    ax.set_xlabel("key index j (tokens)")
+    ax.set_ylabel("query index i (tokens)")
+    handles = [Rectangle((0, 0), 1, 1, color=c) for c in TILE_COLORS.values()]
+    ax.legend(handles, ["computed, no mask", "computed, masked (diagonal)", "skipped"], fontsize=8,
+              loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    fig.tight_layout()
+    return fig
+
+
+def tile_walker(Nq: int, Nk: int, block_m: int, block_n: int, causal: bool = False):
+    """A slider that walks the tiles of the forward pass in loop order (chapter 03)."""
+    n = sum(t.kind != "skipped" for t in tile_schedule(Nq, Nk, block_m, block_n, causal))
+    return _slider_widget(lambda t: plot_tiles(Nq, Nk, block_m, block_n, causal, step=t), n, "tile")
+
+
+def plot_io(Ns: Sequence[int], d: int, M: int, blocks: Sequence[int], *, N_fixed: int = 4096):
+    """HBM traffic of standard vs tiled attention: against N (left) and against the block size (right).
+
+    Markers are counts from walking the loops (``flashcourse.iomodel``), lines the closed forms.
+    """
+    from . import iomodel
+
+    fig, (a0, a1) = plt.subplots(1, 2, figsize=(12, 4.2))
+    std = [iomodel.standard_attention_io(N, d).total / 2**20 for N in Ns]
+    fl = [iomodel.flash_attention_io(N, d, M).total / 2**20 for N in Ns]
+    a0.plot(Ns, std, "o", color="tab:red", label="standard: counted")
+    a0.plot(Ns, [iomodel.standard_closed_form(N, d) / 2**20 for N in Ns], "-", color="tab:red",
+            label="standard: 2(4Nd + 4N²) bytes")
+    a0.plot(Ns, fl, "s", color="tab:blue", label=f"tiled (M = {M:,} elements): counted")
+    a0.plot(Ns, [iomodel.flash_closed_form(N, d, M) / 2**20 for N in Ns], "-", color="tab:blue",
+            label="tiled: closed form ≈ 2N²d / B_r")
+    a0.set_xscale("log")
+    a0.set_yscale("log")
+    _style(a0, "sequence length N (tokens)", "HBM traffic per head (MiB, fp16)", f"against N (d = {d})")
+    a0.legend(fontsize=8)
+    per_block = [iomodel.flash_attention_io(N_fixed, d, block_m=b, block_n=b).total / 2**20 for b in blocks]
+    a1.plot(blocks, per_block, "s-", color="tab:blue", label="tiled, B_r = B_c = block")
+    a1.axhline(iomodel.standard_attention_io(N_fixed, d).total / 2**20, color="tab:red", ls="--", label="standard")
+    a1.set_xscale("log", base=2)
+    a1.set_yscale("log")
+    _style(a1, "block size B_r = B_c (rows)", "HBM traffic per head (MiB, fp16)", f"against block size (N = {N_fixed}, d = {d})")
+    a1.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
