@@ -8,5 +8,6 @@ from ._env import HAS_CUDA, INTERPRET  # noqa: F401  (must run before anything i
 from .reference import naive_attention, naive_attention_backward
 from .softmax import SoftmaxState, merge_states, online_softmax, safe_softmax
 from .tiled import tiled_attention, tiled_attention_backward, tiled_attention_forward
+from .ops import flash_attention
 
 __version__ = "0.1.0"
