@@ -198,8 +198,9 @@ def _classify(exc: BaseException, caught_warnings=()) -> tuple:
 
 
 def _free(device: torch.device) -> None:
-    gc.collect()
+    """Drop what earlier measurements left on the GPU (tracebacks can hold tensors), so it cannot OOM later ones."""
     if device.type == "cuda":
+        gc.collect()
         torch.cuda.empty_cache()
 
 
