@@ -2,8 +2,11 @@
 
 import torch
 
+import flashcourse
 from flashcourse import flash_attention
 from tests.helpers import make_qkv, rel_err
+
+DEVICE = "cuda" if flashcourse.HAS_CUDA and not flashcourse.INTERPRET else "cpu"
 
 
 def attention_block(q, k, v):
@@ -17,7 +20,7 @@ def test_compiled_forward_and_backward_match_eager():
     # inductor's C++ build, which would add ~15 s on a CPU
     compiled = torch.compile(attention_block, fullgraph=True, backend="aot_eager")
     q, k, v = make_qkv(B=1, H=2, Hkv=1, Nq=18, Nk=24, d=16, dtype=torch.float32, seed=4)
-    inputs = [t.requires_grad_() for t in (q, k, v)]
+    inputs = [t.to(DEVICE).requires_grad_() for t in (q, k, v)]
     eager = attention_block(*inputs)
     out = compiled(*inputs)
     assert rel_err(out, eager) < 1e-6
@@ -29,7 +32,7 @@ def test_compiled_forward_and_backward_match_eager():
 
 def test_fake_kernel_gives_the_real_shapes():
     """register_fake must describe the real outputs: shapes, dtypes and strides (contiguous)."""
-    q, k, v = make_qkv(B=2, H=2, Hkv=1, Nq=5, Nk=7, d=16, dtype=torch.float16, seed=1)
+    q, k, v = (t.to(DEVICE) for t in make_qkv(B=2, H=2, Hkv=1, Nq=5, Nk=7, d=16, dtype=torch.float16, seed=1))
     real = torch.ops.flashcourse.flash_attn_fwd(q, k, v, True, 0.25)
     with torch._subclasses.FakeTensorMode() as mode:
         fake = torch.ops.flashcourse.flash_attn_fwd(*(mode.from_tensor(t) for t in (q, k, v)), True, 0.25)
