@@ -42,13 +42,15 @@ if INTERPRET:
     _DQ_CONFIGS = _configs([(32, 16, 4, 1)])
     _PRE_BLOCK_M = 32
 else:  # Hopper first: a wide key block for dK/dV, a tall query block for dQ; (B_r, B_c, warps, stages)
-    _DKDV_CONFIGS = _configs([(32, 128, 4, 4), (64, 128, 8, 3), (64, 64, 4, 3), (32, 64, 8, 2)])
-    _DQ_CONFIGS = _configs([(128, 32, 4, 4), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2)])
+    _DKDV_CONFIGS = _configs([(32, 128, 4, 4), (64, 128, 8, 3), (32, 128, 8, 3), (64, 64, 4, 3),
+                              (32, 64, 4, 3), (32, 64, 8, 2)])
+    _DQ_CONFIGS = _configs([(128, 32, 4, 4), (128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3),
+                            (128, 128, 8, 2), (64, 32, 4, 2)])
     _PRE_BLOCK_M = 64
 
 
 def _fitting(accumulator):
-    """An autotune pruner: the first three configurations whose float32 accumulators ((B_c, d) twice
+    """An autotune pruner: the first five configurations whose float32 accumulators ((B_c, d) twice
     for dK/dV, (B_r, d) for dQ) take at most 128 of each thread's 255 registers for this head dim."""
 
     def prune(configs, named_args, **kwargs):
@@ -56,7 +58,7 @@ def _fitting(accumulator):
             rows = c.kwargs["BLOCK_N"] * 2 if accumulator == "dkdv" else c.kwargs["BLOCK_M"]
             return rows * kwargs["D_PAD"] / (32 * c.num_warps)
 
-        return [c for c in configs if registers(c) <= 128][:3] or [min(configs, key=registers)]
+        return [c for c in configs if registers(c) <= 128][:5] or [min(configs, key=registers)]
 
     return prune
 
