@@ -28,6 +28,7 @@ import gc
 import json
 import math
 import platform
+import shlex
 import statistics
 import subprocess
 import sys
@@ -503,15 +504,18 @@ def _run_quiet(cmd: List[str]) -> Optional[str]:
     return out.splitlines()[0] if out else None
 
 
-def provenance(argv: Optional[Sequence[str]] = None) -> dict:
-    """Where and with what the numbers were taken: device, driver, CUDA, cuDNN, torch, triton, python, date."""
+def provenance(command: Optional[str] = None) -> dict:
+    """Where and with what the numbers were taken: device, driver, CUDA, cuDNN, torch, triton, python, date.
+
+    ``command`` is the command line to record (default: this process's ``sys.argv``).
+    """
     import triton
 
     from ._env import INTERPRET
 
     info = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(["flashcourse", "bench", *argv]) if argv is not None else " ".join(sys.argv),
+        "command": command if command is not None else shlex.join(sys.argv),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "triton": triton.__version__,
@@ -545,14 +549,19 @@ def _module_version(name: str) -> Optional[str]:
 CSV_PROVENANCE = ("device", "torch", "triton", "date")
 
 
-def save(results: Sequence[Measurement], out_dir, name: str = "bench", argv=None, plot_file: bool = True) -> dict:
-    """Write ``name``.json (provenance + results), ``name``.csv and ``name``.png under ``out_dir``; return the paths."""
+def save(results: Sequence[Measurement], out_dir, name: str = "bench", command: Optional[str] = None,
+         extra: Optional[dict] = None, plot_file: bool = True) -> dict:
+    """Write ``name``.json (provenance + results + ratios), ``name``.csv and ``name``.png under ``out_dir``.
+
+    ``command`` is recorded in the provenance (default ``sys.argv``); ``extra`` adds keys to the JSON.
+    Returns the paths written, by kind.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    prov = provenance(argv)
+    prov = provenance(command)
     rows = [asdict(m) for m in results]
     paths = {"json": out / f"{name}.json", "csv": out / f"{name}.csv"}
-    payload = {"provenance": prov, "results": rows, "ratios": ratio_table(results)}
+    payload = {"provenance": prov, **(extra or {}), "results": rows, "ratios": ratio_table(results)}
     paths["json"].write_text(json.dumps(payload, indent=1, default=str) + "\n")
     with open(paths["csv"], "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=[fl.name for fl in fields(Measurement)] + list(CSV_PROVENANCE))
@@ -602,7 +611,7 @@ def plot(results: Sequence[Measurement], title: str = ""):
     return fig
 
 
-def _fmt(x, spec: str, width: int = 0) -> str:
+def fmt_value(x, spec: str, width: int = 0) -> str:
     """``x`` formatted with ``spec``, or n/a, right-aligned in ``width`` characters."""
     return format("n/a" if x is None else format(x, spec), f">{width}")
 
@@ -610,13 +619,13 @@ def _fmt(x, spec: str, width: int = 0) -> str:
 def format_results(results: Sequence[Measurement]) -> str:
     """A plain-text table of the measurements (ms, TFLOP/s, peak memory, status)."""
     head = f"{'provider':<15}{'mode':<8}{'dtype':<9}{'B':>4}{'H':>4}{'N':>7}{'d':>5} {'causal':<7}" \
-           f"{'ms':>10}{'TFLOP/s':>9}{'peak MiB':>10}  status"
+           f"{'ms':>10} {'TFLOP/s':>9}{'peak MiB':>10}  status"
     lines = [head, "-" * len(head)]
     for m in results:
-        status = m.status if not m.note else f"{m.status}: {m.note}"
+        status = m.status if not m.note else _one_line(f"{m.status}: {m.note}", 120)
         lines.append(
             f"{m.provider:<15}{m.mode:<8}{m.dtype:<9}{m.B:>4}{m.H:>4}{m.N:>7}{m.d:>5} {str(m.causal):<7}"
-            f"{_fmt(m.ms, '.3f', 10)}{_fmt(m.tflops, '.4g', 9)}{_fmt(m.peak_mib, '.0f', 10)}  {status}"
+            f"{fmt_value(m.ms, '.3f', 10)} {fmt_value(m.tflops, '.4g', 9)}{fmt_value(m.peak_mib, '.0f', 10)}  {status}"
         )
     return "\n".join(lines)
 
@@ -662,8 +671,8 @@ def format_ratios(rows: Sequence[dict], baselines: Sequence[str] = ("sdpa-flash"
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         meets = {True: "yes", False: "NO", None: "-"}[r["meets"]]
-        cells = [r["mode"], r["dtype"], str(r["d"]), "yes" if r["causal"] else "no", str(r["N"]), _fmt(r["tflops"], ".4g")]
-        cells += [_fmt(r.get(b), ".2f") for b in baselines] + [meets]
+        cells = [r["mode"], r["dtype"], str(r["d"]), "yes" if r["causal"] else "no", str(r["N"]), fmt_value(r["tflops"], ".4g")]
+        cells += [fmt_value(r.get(b), ".2f") for b in baselines] + [meets]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -737,7 +746,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if "flashcourse" in a.providers:
         print()
         print(format_ratios(ratio_table(results)))
-    paths = save(results, a.out, a.name, argv=argv, plot_file=not a.no_plot)
+    paths = save(results, a.out, a.name, command=shlex.join(["flashcourse", "bench", *argv]), plot_file=not a.no_plot)
     print("\nwrote " + ", ".join(str(p) for p in paths.values()))
     bad = [m for m in results if m.status in ("failed", "error")]
     if bad:

@@ -1,7 +1,9 @@
 """``flashcourse bench`` on the CPU: FLOP counts, checks before timing, statuses, files, ratio table, CLI."""
 
 import csv
+import importlib.util
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -139,3 +141,22 @@ def test_cli_writes_csv_json_png(tmp_path, capsys):
 def test_cli_rejects_bad_sizes(capsys):
     assert bench.main(["--n", "0", "--quiet"]) == 2
     assert "--n takes positive sizes" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_h100_script_runs_every_part_at_toy_sizes(tmp_path):
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "run_h100.py"
+    spec = importlib.util.spec_from_file_location("run_h100", path)
+    run_h100 = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run_h100)
+    assert run_h100.main([str(tmp_path), "--tiny", "--quiet"]) == 0
+    data = json.loads((tmp_path / "h100.json").read_text())
+    assert data["plan"] == "tiny" and data["provenance"]["command"] == "python3 benchmarks/run_h100.py OUT --tiny"
+    assert [r["provider"] for r in data["long_context"]] == run_h100.LONG_PROVIDERS
+    assert data["naive_first_oom_N"] == {}  # toy sizes fit
+    flash = [r for r in data["results"] if r["provider"] == "flashcourse"]
+    assert len(flash) == 2 * 2 * 2 + 1 and all(r["status"] == "ok" for r in flash)
+    for name in ("h100.csv", "h100.png", "h100.txt"):
+        assert (tmp_path / name).stat().st_size > 0
+    summary = (tmp_path / "summary.md").read_text()
+    assert "| fwd | float16 | 32 | no | 64 |" in summary and "naive attention, fwd+bwd" in summary
