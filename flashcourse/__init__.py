@@ -10,5 +10,6 @@ from .softmax import SoftmaxState, merge_states, online_softmax, safe_softmax
 from .tiled import tiled_attention, tiled_attention_backward, tiled_attention_forward
 from .ops import flash_attention
 from .nn import FlashAttention, MultiHeadAttention, flash_attn_func
+from .grading import check
 
 __version__ = "0.1.0"

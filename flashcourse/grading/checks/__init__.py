@@ -1,0 +1,1 @@
+"""Grading checks, one module per chapter; each defines ``CHECKS``, a ``ChapterChecks`` list."""

@@ -1,0 +1,226 @@
+"""Run the grading checks of some chapters against a target folder, each check under a time limit.
+
+The target folder (``exercises/``, ``solutions/`` or a student's copy) is loaded file by file through
+importlib under a name of its own, so two targets never clash. By default every check runs in a
+worker process: the parent waits at most the check's time limit for its result, and on a time-out
+(an endless loop, a hanging kernel) or a crash it kills the worker and starts a fresh one for the
+checks that remain. Whatever the learner's code prints is captured with the result, never shown
+between the lines of the report.
+"""
+
+import contextlib
+import hashlib
+import importlib
+import importlib.util
+import io
+import multiprocessing
+import os
+import sys
+import time
+import traceback
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterable, Optional
+
+from .framework import CHAPTERS, STUB_SUFFIX, Check, CheckFailed, chapter_id
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_TIMEOUT = 60.0  # seconds per check unless the check sets its own
+MAX_OUTPUT = 2000  # characters of captured learner output kept per check
+
+
+class TargetError(Exception):
+    """The target cannot be graded at all (e.g. the folder does not exist)."""
+
+
+@dataclass
+class Result:
+    """The outcome of one check. status: passed | failed | not implemented | timed out | error."""
+
+    chapter: str
+    exercise: str
+    name: str
+    points: int
+    earned: int
+    status: str
+    message: str = ""
+    hint: str = ""
+    output: str = ""
+    seconds: float = 0.0
+
+
+def resolve_target(target=None) -> Path:
+    """The folder to grade: a PATH as given, else ``exercises``/``solutions`` of this checkout.
+
+    ``None`` means the environment variable FLASHCOURSE_TARGET, or else ``exercises``.
+    """
+    target = target or os.environ.get("FLASHCOURSE_TARGET") or "exercises"
+    path = Path(target).expanduser()
+    if not path.is_dir() and str(target) in ("exercises", "solutions"):
+        path = REPO_ROOT / str(target)
+    if not path.is_dir():
+        raise TargetError(
+            f"target folder {str(target)!r} not found (looked in {Path.cwd()} and {REPO_ROOT}); give "
+            f"--target exercises, --target solutions or the path of a folder holding the chapter files "
+            f"({', '.join(f + '.py' for f in CHAPTERS.values())})"
+        )
+    return path.resolve()
+
+
+def chapter_checks(chapter: str) -> list:
+    return importlib.import_module(f"flashcourse.grading.checks.{chapter}").CHECKS
+
+
+_modules: dict = {}
+
+
+def load_module(target: Path, chapter: str):
+    """Import ``target/<chapter file>.py`` under a name unique to the target folder (cached)."""
+    key = (str(target), chapter)
+    if key not in _modules:
+        path = target / f"{CHAPTERS[chapter]}.py"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path.name} is missing from {target}")
+        tag = hashlib.sha1(str(target).encode()).hexdigest()[:10]
+        name = f"_flashcourse_target_{tag}_{path.stem}"
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            del sys.modules[name]
+            raise
+        _modules[key] = module
+    return _modules[key]
+
+
+def _where(exc: BaseException, target: Path) -> str:
+    """' (ch02_softmax.py line 42)': the last frame of the traceback inside the target folder."""
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if Path(f.filename).parent == target]
+    if isinstance(exc, SyntaxError) and exc.filename and Path(exc.filename).parent == target:
+        return f" ({Path(exc.filename).name} line {exc.lineno})"
+    return f" ({Path(frames[-1].filename).name} line {frames[-1].lineno})" if frames else ""
+
+
+def run_check(target: Path, check: Check) -> Result:
+    """Run one check in this process, capturing what the learner's code prints."""
+    result = Result(check.chapter, check.exercise, check.name, check.points, 0, "passed", hint=check.hint)
+    out = io.StringIO()
+    start = time.perf_counter()
+    try:
+        import torch
+
+        torch.manual_seed(0)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+            try:
+                module = load_module(target, check.chapter)
+            except FileNotFoundError as e:
+                raise CheckFailed(str(e)) from None
+            except Exception as e:
+                raise CheckFailed(f"could not import {CHAPTERS[check.chapter]}.py: "
+                                  f"{type(e).__name__}: {e}{_where(e, target)}") from None
+            check.run(module)
+        result.earned = check.points
+    except CheckFailed as e:
+        result.status, result.message = "failed", str(e)
+    except NotImplementedError as e:
+        message = str(e) if STUB_SUFFIX in str(e) else f"{check.chapter}.{check.exercise}: {STUB_SUFFIX}"
+        result.status, result.message = "not implemented", message
+    except Exception as e:
+        first_line = (str(e).strip().splitlines() or [""])[0][:300]
+        result.status, result.message = "failed", f"raised {type(e).__name__}: {first_line}{_where(e, target)}"
+    result.seconds = time.perf_counter() - start
+    result.output = out.getvalue()[-MAX_OUTPUT:]
+    return result
+
+
+def _serve(conn) -> None:
+    """The worker: import the package, then answer (target, chapter, index) with a Result."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)  # native code's prints (Triton, C++) must not reach the parent's terminal
+    os.dup2(devnull, 2)
+    import flashcourse  # noqa: F401  (switches Triton's interpreter on before anything imports triton)
+
+    conn.send("ready")
+    while True:
+        try:
+            target, chapter, index = conn.recv()
+        except EOFError:
+            return
+        conn.send(run_check(Path(target), chapter_checks(chapter)[index]))
+
+
+class Worker:
+    """A child process that runs checks; killed and replaced when a check overruns its time limit."""
+
+    START_TIMEOUT = 300.0
+
+    def __init__(self):
+        self.process = None
+        self.conn = None
+
+    def _start(self) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.process = ctx.Process(target=_serve, args=(child,), daemon=True)
+        self.process.start()
+        child.close()
+        if not self.conn.poll(self.START_TIMEOUT) or self.conn.recv() != "ready":
+            self.stop()
+            raise TargetError("the grading worker process did not start")
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.kill()
+            self.process.join()
+            self.conn.close()
+        self.process = self.conn = None
+
+    def run(self, target: Path, check: Check, index: int, timeout: float) -> Result:
+        if self.process is None:
+            self._start()
+        start = time.perf_counter()
+        self.conn.send((str(target), check.chapter, index))
+        try:
+            if self.conn.poll(timeout):
+                return self.conn.recv()
+            status, message = "timed out", (f"no result within the time limit of {timeout:g} s: an endless loop, or a "
+                                             f"loop whose end is never reached?")
+        except (EOFError, OSError):
+            status, message = "error", f"the worker process died (exit code {self.process.exitcode}) during this check"
+        self.stop()
+        return Result(check.chapter, check.exercise, check.name, check.points, 0, status, message, check.hint,
+                      seconds=time.perf_counter() - start)
+
+
+def grade(chapters: Optional[Iterable] = None, target=None, *, isolate: bool = True,
+          timeout: Optional[float] = None, exercises: Optional[Iterable[str]] = None) -> list:
+    """Run the checks of ``chapters`` (default: all) against ``target``; return the Results in order.
+
+    isolate=False runs the checks in this process (faster, but no time limit). ``timeout`` overrides
+    every check's time limit; ``exercises`` keeps only the checks of these exercise names.
+    """
+    folder = resolve_target(target)
+    ids = [chapter_id(c) for c in (chapters or CHAPTERS)]
+    keep = None if exercises is None else set(exercises)
+    worker = Worker() if isolate else None
+    results = []
+    try:
+        for chapter in dict.fromkeys(ids):
+            for index, check in enumerate(chapter_checks(chapter)):
+                if keep is not None and check.exercise not in keep:
+                    continue
+                if worker is None:
+                    results.append(run_check(folder, check))
+                else:
+                    limit = timeout or check.timeout or DEFAULT_TIMEOUT
+                    results.append(worker.run(folder, check, index, limit))
+    finally:
+        if worker is not None:
+            worker.stop()
+    return results
+
+
+def as_dicts(results: list) -> list:
+    return [asdict(r) for r in results]
