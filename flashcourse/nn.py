@@ -16,14 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._checks import causal_mask
+from .ops import flash_attention
 from .reference import naive_attention
 from .tiled import tiled_attention
-
-
-def _flash(q, k, v, *, causal: bool, scale: Optional[float]):
-    from .ops import flash_attention  # the Triton kernels; imported when first used
-
-    return flash_attention(q, k, v, causal=causal, scale=scale)
 
 
 def _sdpa(q, k, v, *, causal: bool, scale: Optional[float]):
@@ -36,7 +31,7 @@ def _sdpa(q, k, v, *, causal: bool, scale: Optional[float]):
 
 
 # name -> attention(q (B, H, Nq, d), k, v (B, Hkv, Nk, d), *, causal, scale) -> O (B, H, Nq, d)
-BACKENDS = {"flash": _flash, "tiled": tiled_attention, "naive": naive_attention, "sdpa": _sdpa}
+BACKENDS = {"flash": flash_attention, "tiled": tiled_attention, "naive": naive_attention, "sdpa": _sdpa}
 
 
 def _backend(name: str):
