@@ -9,13 +9,19 @@ bfloat16 and float32, large logits, and non-contiguous q, k, v and dO.
 import pytest
 import torch
 
-from flashcourse import naive_attention
+from flashcourse import INTERPRET, flash_attention, naive_attention
 from flashcourse.kernels.backward import attention_backward
 from helpers import make_qkv
+
+pytestmark = pytest.mark.skipif(not INTERPRET, reason="CPU tensors need the interpreter; see test_gpu_backward.py")
 
 # error ‖grad − ref‖ / max(‖ref‖, 1) allowed, against float64 math on the same (rounded) inputs;
 # the floor 1 keeps a gradient that is exactly 0 in theory (one key: dq = dk = 0) from dividing by 0
 TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
+
+
+def _error(g, ref):
+    return (g.double() - ref).norm().item() / max(ref.norm().item(), 1.0)
 
 
 def _inputs(B, H, Hkv, Nq, Nk, d, dtype, seed=0, scale_logits=1.0):
@@ -40,8 +46,7 @@ def _check(q, k, v, do, causal, scale=None):
     for name, g, ref, like in zip(("dq", "dk", "dv"), grads, refs, (q, k, v)):
         assert g.shape == like.shape and g.dtype == like.dtype, name
         assert not torch.isnan(g).any(), f"{name} has NaN"
-        err = (g.double() - ref).norm().item() / max(ref.norm().item(), 1.0)
-        assert err < TOL[q.dtype], f"{name}: error {err:.2e} (tolerance {TOL[q.dtype]:.0e})"
+        assert _error(g, ref) < TOL[q.dtype], f"{name}: error {_error(g, ref):.2e} (tolerance {TOL[q.dtype]:.0e})"
     return grads
 
 
@@ -104,3 +109,17 @@ def test_wrong_lse_shape_is_explained():
     q, k, v, do = _inputs(1, 1, 1, 8, 8, 16, torch.float32)
     with pytest.raises(ValueError, match=r"lse must have shape \(B, H, Nq\)"):
         attention_backward(q, k, v, q, torch.zeros(1, 8), do, causal=False, scale=0.25)
+
+
+@pytest.mark.parametrize("Hkv,Nq,Nk,causal,dtype", [
+    pytest.param(2, 37, 50, True, torch.float32, id="causal-gqa-fp32"),
+    pytest.param(4, 45, 21, False, torch.bfloat16, id="Nq>Nk-bf16"),
+])
+def test_autograd_through_flash_attention(Hkv, Nq, Nk, causal, dtype):
+    """torch.autograd through flashcourse.flash_attention (forward kernel + these backward kernels)."""
+    q, k, v, do = _inputs(2, 4, Hkv, Nq, Nk, 32, dtype, seed=3)
+    leaves = [t.requires_grad_() for t in (q, k, v)]
+    grads = torch.autograd.grad(flash_attention(q, k, v, causal=causal), leaves, do)
+    _, _, refs = _reference(q, k, v, do, causal)
+    for name, g, ref in zip(("dq", "dk", "dv"), grads, refs):
+        assert _error(g, ref) < TOL[dtype], f"{name}: error {_error(g, ref):.2e}"

@@ -27,6 +27,7 @@ import triton.language as tl
 from .._checks import check_attention_inputs, check_like
 from .._env import INTERPRET
 from .common import check_kernel_device, dot, load_tile, store_tile, upcast_dots
+from .configs import length_bucket
 
 LOG2E = tl.constexpr(math.log2(math.e))  # exp(x) = exp2(LOG2E · x)
 
@@ -283,7 +284,7 @@ def attention_backward(q, k, v, o, lse, do, *, causal: bool, scale: float):
     lse = lse.to(torch.float32).contiguous()
     D_PAD = max(16, triton.next_power_of_2(d))
     shape_args = dict(HEAD_DIM=d, D_PAD=D_PAD)
-    run_args = dict(N_BUCKET=triton.next_power_of_2(max(Nq, Nk)), CAUSAL=bool(causal),
+    run_args = dict(N_BUCKET=length_bucket(max(Nq, Nk)), CAUSAL=bool(causal),
                     UPCAST=upcast_dots(q.dtype), **shape_args)
     delta = torch.empty((B, H, Nq), dtype=torch.float32, device=q.device)
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
