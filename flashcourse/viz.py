@@ -15,7 +15,6 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from .softmax import SoftmaxState, block_state, empty_state, finalize, merge_states
-from .tiled import _key_end
 
 GiB = 2**30
 
@@ -71,6 +70,26 @@ def peak_memory(fn: Callable, *args, **kwargs):
     with _PeakTracker() as tracker:
         out = fn(*args, **kwargs)
     return out, tracker.peak
+
+
+def saved_for_backward(fn: Callable, *args, **kwargs):
+    """Run ``fn``; return (its result, bytes of the tensors autograd saved for the backward pass).
+
+    Storages are counted once, and the inputs ``args`` themselves are not counted (the caller holds
+    them anyway): what remains is what the forward pass keeps alive only for the backward pass.
+    """
+    inputs = {a.untyped_storage().data_ptr() for a in args if isinstance(a, torch.Tensor)}
+    saved: Dict[int, int] = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in inputs:
+            saved[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn(*args, **kwargs)
+    return out, sum(saved.values())
 
 
 def show_error(name: str, got: torch.Tensor, want: torch.Tensor, atol: float = 1e-5) -> None:
@@ -249,21 +268,29 @@ class Tile(NamedTuple):
     j0: int
     rows: int
     cols: int
-    kind: str  # "full" (no mask), "masked" (crosses the causal diagonal), "skipped" (entirely masked)
+    kind: str  # "full" (no mask), "masked" (crosses a mask edge), "skipped" (entirely masked)
 
 
-def tile_schedule(Nq: int, Nk: int, block_m: int, block_n: int, causal: bool = False) -> List[Tile]:
-    """Every tile of an Nq × Nk score matrix in the forward loop order (query blocks outer)."""
+def tile_schedule(Nq: int, Nk: int, block_m: int, block_n: int, causal: bool = False,
+                  window: Optional[int] = None) -> List[Tile]:
+    """Every tile of an Nq × Nk score matrix in the forward loop order (query blocks outer).
+
+    Query i sees key j when j <= i + Nk − Nq (if ``causal``) and j > i + Nk − Nq − ``window`` (a sliding
+    window of that many keys ending at the diagonal). A tile that no query of it can see is skipped.
+    """
     offset = Nk - Nq
+    # the visible keys of row i are lo(i) .. hi(i)
+    hi = (lambda i: i + offset) if causal else (lambda i: Nk - 1)
+    lo = (lambda i: i + offset - window + 1) if window is not None else (lambda i: 0)
     tiles = []
     for i0 in range(0, Nq, block_m):
         rows = min(block_m, Nq - i0)
-        end = _key_end(i0 + rows, Nk, causal, offset)
+        first, last = i0, i0 + rows - 1
         for j0 in range(0, Nk, block_n):
             cols = min(block_n, Nk - j0)
-            if j0 >= end:
+            if j0 > hi(last) or j0 + cols - 1 < lo(first):
                 kind = "skipped"
-            elif causal and j0 + cols - 1 > i0 + offset:
+            elif j0 + cols - 1 > hi(first) or j0 < lo(last):
                 kind = "masked"
             else:
                 kind = "full"
@@ -274,7 +301,8 @@ def tile_schedule(Nq: int, Nk: int, block_m: int, block_n: int, causal: bool = F
 TILE_COLORS = {"full": "tab:blue", "masked": "tab:orange", "skipped": "whitesmoke"}
 
 
-def plot_tiles(Nq: int, Nk: int, block_m: int, block_n: int, causal: bool = False, step: Optional[int] = None):
+def plot_tiles(Nq: int, Nk: int, block_m: int, block_n: int, causal: bool = False, step: Optional[int] = None,
+               window: Optional[int] = None):
     """The score matrix cut into B_r × B_c tiles: computed, masked on the diagonal, or skipped.
 
     With ``step``, the tiles computed so far are drawn solid, the current one outlined in red, and the
@@ -282,7 +310,7 @@ def plot_tiles(Nq: int, Nk: int, block_m: int, block_n: int, causal: bool = Fals
     """
     from matplotlib.patches import Rectangle
 
-    tiles = tile_schedule(Nq, Nk, block_m, block_n, causal)
+    tiles = tile_schedule(Nq, Nk, block_m, block_n, causal, window)
     computed = [t for t in tiles if t.kind != "skipped"]
     fig, ax = plt.subplots(figsize=(7.5, 5.0 * min(2.0, max(0.5, Nq / Nk))))
     current = computed[min(step, len(computed) - 1)] if step is not None and computed else None
@@ -291,11 +319,12 @@ def plot_tiles(Nq: int, Nk: int, block_m: int, block_n: int, causal: bool = Fals
         alpha = 0.9 if (t in done or t.kind == "skipped") else 0.25
         ax.add_patch(Rectangle((t.j0, t.i0), t.cols, t.rows, facecolor=TILE_COLORS[t.kind], edgecolor="k",
                                lw=0.6, alpha=alpha))
-    if causal:
-        # the edge of the visible region: row i sees columns 0 .. i + Nk − Nq
-        rows = torch.arange(Nq + 1)
-        ax.step((rows + Nk - Nq).clamp(0, Nk).tolist(), rows.tolist(), where="post", color="tab:red", lw=1.2,
-                label="causal edge")
+    # the edges of the visible region: row i sees columns i + Nk − Nq − window + 1 .. i + Nk − Nq
+    edges = ([1] if causal else []) + ([1 - window] if window is not None else [])
+    for shift in edges:
+        xs = [min(max(i + Nk - Nq + shift, 0), Nk) for i in range(Nq) for _ in (0, 1)]
+        ys = [i + e for i in range(Nq) for e in (0, 1)]
+        ax.plot(xs, ys, color="tab:red", lw=1.2)
     if current:
         ax.add_patch(Rectangle((current.j0, current.i0), current.cols, current.rows, fill=False, edgecolor="red", lw=2.5))
     ax.set_xlim(0, Nk)
@@ -310,7 +339,7 @@ def plot_tiles(Nq: int, Nk: int, block_m: int, block_n: int, causal: bool = Fals
     ax.set_xlabel("key index j (tokens)")
     ax.set_ylabel("query index i (tokens)")
     handles = [Rectangle((0, 0), 1, 1, color=c) for c in TILE_COLORS.values()]
-    ax.legend(handles, ["computed, no mask", "computed, masked (diagonal)", "skipped"], fontsize=8,
+    ax.legend(handles, ["computed, no mask", "computed, masked (on a mask edge)", "skipped"], fontsize=8,
               loc="upper left", bbox_to_anchor=(1.02, 1.0))
     fig.tight_layout()
     return fig
