@@ -100,6 +100,8 @@ def main(argv=None) -> int:
     p.add_argument("out", help="directory for the files (on the device: $OUT)")
     p.add_argument("--tiny", action="store_true", help="toy sizes: test every code path quickly, CPU or GPU")
     p.add_argument("--grid-budget", type=float, default=300, help="seconds for part 1; later shapes are skipped [300]")
+    p.add_argument("--precompile", type=int, default=None, metavar="PROCS",
+                   help="processes that compile the Triton kernels before part 1 [8; 2 with --tiny; 0: off]")
     p.add_argument("--commit", default=None, help="git commit of the code, recorded in the provenance")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     a = p.parse_args(argv)
@@ -114,9 +116,10 @@ def main(argv=None) -> int:
         bench.save(results, a.out, "h100", command=command, extra=extra)
         print(f"[{extra['seconds']:.0f} s] {part} done; files under {a.out}", flush=True)
 
-    print("part 1: the grid", flush=True)
+    print("part 1: the grid (first compiling the Triton kernels in parallel processes)", flush=True)
+    procs = a.precompile if a.precompile is not None else (2 if a.tiny else 8)
     grid = bench.benchmark(providers=GRID_PROVIDERS, modes=["fwd", "bwd"], **plan["grid"],
-                           time_budget_s=a.grid_budget, **common)
+                           time_budget_s=a.grid_budget, precompile_processes=procs, **common)
     results += grid
     record("grid")
 

@@ -370,6 +370,7 @@ def benchmark(
     slow_max_n: int = 4096,
     extra_providers: Optional[Mapping[str, Provider]] = None,
     time_budget_s: Optional[float] = None,
+    precompile_processes: int = 0,
     seed: int = 0,
     progress: bool = True,
 ) -> List[Measurement]:
@@ -378,8 +379,9 @@ def benchmark(
     ``batch``/``heads`` default to B = tokens // N and H = hidden // d. ``extra_providers`` adds
     providers ``f(q, k, v, causal) -> o`` by name (name them in ``providers`` too). ``tol`` overrides
     the relative-error limit of the check (``TOLERANCE`` by dtype). After ``time_budget_s`` seconds
-    the remaining measurements are marked skipped. Inputs are random normal (never zeros), one set
-    per shape, shared by all providers.
+    the remaining measurements are marked skipped. ``precompile_processes`` > 0 first compiles the
+    Triton kernels of every shape in that many processes (see ``precompile``). Inputs are random
+    normal (never zeros), one set per shape, shared by all providers.
     """
     table = {**PROVIDERS, **(extra_providers or {})}
     unknown = [p for p in providers if p not in table]
@@ -390,26 +392,64 @@ def benchmark(
         raise ValueError(f"unknown mode(s) {bad_modes}; choose from {list(MODES)}")
     device = torch.device(device if device is not None else ("cuda" if HAS_CUDA else "cpu"))
     dtypes = [_resolve_dtype(dt) for dt in _as_list(dtypes)]
-    shapes = [
-        (dt, d, c, N)
-        for dt in dtypes
-        for d in _as_list(head_dims)
-        for c in _as_list(causal)
-        for N in _as_list(seqlens)
-    ]
+    shapes = []  # (dtype, d, causal, N, B, H)
+    for dt in dtypes:
+        for d in _as_list(head_dims):
+            for c in _as_list(causal):
+                for N in _as_list(seqlens):
+                    B, H = default_batch_heads(N, d, tokens, hidden)
+                    shapes.append((dt, d, bool(c), N, batch or B, heads or H))
+    if precompile_processes > 0 and "flashcourse" in providers:
+        for problem in precompile(shapes, with_backward=any(m != "fwd" for m in modes),
+                                  processes=precompile_processes, device=device):
+            warnings.warn(f"flashcourse bench: precompiling failed for {problem} (the run will say why)")
     total = len(shapes) * len(providers) * len(_as_list(modes))
     bar = _progress_bar(total, progress)
     t_start, results = time.perf_counter(), []
-    for dtype, d, is_causal, N in shapes:
-        B_, H_ = default_batch_heads(N, d, tokens, hidden)
-        B, H = batch or B_, heads or H_
+    for dtype, d, is_causal, N, B, H in shapes:
         out_of_time = time_budget_s is not None and time.perf_counter() - t_start > time_budget_s
         results += _bench_shape(
-            table, providers, _as_list(modes), dtype, B, H, N, d, bool(is_causal), device, warmup_ms, rep_ms,
+            table, providers, _as_list(modes), dtype, B, H, N, d, is_causal, device, warmup_ms, rep_ms,
             check, tol, slow_max_n, seed, bar, out_of_time,
         )
     bar.close()
     return results
+
+
+def precompile(shapes, with_backward: bool, processes: int, device) -> List[str]:
+    """Compile the Triton kernels for ``shapes`` [(dtype, d, causal, N, B, H)] in parallel processes.
+
+    Triton compiles each autotuning candidate on first use, one after another: dozens of kernels for a
+    grid of dtypes, head dims and causal flags. Running one (dtype, d, causal) group per process fills
+    Triton's on-disk cache in parallel; the timing process then loads the compiled kernels (and
+    autotunes, which is quick) instead of compiling them. Returns the groups that raised.
+    """
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    groups: Dict[tuple, list] = {}
+    for dtype, d, causal, N, B, H in shapes:
+        groups.setdefault((_dtype_name(dtype), d, causal), []).append((B, H, N))
+    jobs = [(*key, sizes, with_backward, str(device)) for key, sizes in groups.items()]
+    context = multiprocessing.get_context("spawn")  # a fresh CUDA context per process
+    with ProcessPoolExecutor(min(processes, len(jobs)), mp_context=context) as pool:
+        return [problem for problem in pool.map(_compile_group, jobs) if problem]
+
+
+def _compile_group(job) -> str:
+    """Run the Triton kernels once on each size of one (dtype, d, causal) group; '' or what went wrong."""
+    dtype_name, d, causal, sizes, with_backward, device = job
+    try:
+        for B, H, N in sizes:
+            q, k, v = (torch.randn(B, H, N, d, device=device, dtype=DTYPES[dtype_name], requires_grad=with_backward)
+                       for _ in range(3))
+            o = _flashcourse(q, k, v, causal)
+            if with_backward:
+                o.backward(torch.randn_like(o))
+        _sync(torch.device(device))
+    except Exception as exc:  # reported by the caller; the timed run records the same failure per shape
+        return f"{dtype_name} d={d} causal={causal}: {_one_line(f'{type(exc).__name__}: {exc}')}"
+    return ""
 
 
 def _progress_bar(total: int, enabled: bool):
@@ -721,6 +761,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-check", action="store_true", help="time without checking against the reference")
     p.add_argument("--tol", type=float, default=None, help="relative-error limit of the check [by dtype]")
     p.add_argument("--slow-max-n", type=int, default=4096, help="largest N for the tiled provider [4096]")
+    p.add_argument("--precompile", type=int, default=0, metavar="PROCS",
+                   help="compile the Triton kernels of all shapes first, in PROCS parallel processes [0: off]")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="bench-results", help="directory for the files [bench-results]")
     p.add_argument("--name", default="bench", help="file stem: NAME.json, NAME.csv, NAME.png [bench]")
@@ -740,7 +782,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     results = benchmark(
         providers=a.providers, modes=a.modes, dtypes=a.dtype, head_dims=a.d, causal=a.causal, seqlens=a.n,
         batch=a.batch, heads=a.heads, tokens=a.tokens, hidden=a.hidden, warmup_ms=a.warmup, rep_ms=a.rep,
-        check=not a.no_check, tol=a.tol, slow_max_n=a.slow_max_n, seed=a.seed, progress=not a.quiet,
+        check=not a.no_check, tol=a.tol, slow_max_n=a.slow_max_n, precompile_processes=a.precompile, seed=a.seed,
+        progress=not a.quiet,
     )
     print(format_results(results))
     if "flashcourse" in a.providers:
