@@ -115,7 +115,7 @@ def plot_matrices(mats: Dict[str, torch.Tensor], *, xlabel="key index j", ylabel
     fig, axes = plt.subplots(1, len(mats), figsize=(4.2 * len(mats), 3.6), squeeze=False)
     for ax, (title, m) in zip(axes[0], mats.items()):
         m = m.detach().double().cpu()
-        im = ax.imshow(m.masked_fill(torch.isinf(m), float("nan")), cmap=cmap, aspect="auto")
+        im = ax.imshow(m.masked_fill(torch.isinf(m), float("nan")).numpy(), cmap=cmap, aspect="auto")
         fig.colorbar(im, ax=ax, shrink=0.8)
         ax.set_title(title)
         ax.set_xlabel(xlabel)
