@@ -1,12 +1,13 @@
 """Time the Triton forward against PyTorch SDPA's forward backends on a GPU, in one process.
 
-    python benchmarks/gpu_forward.py [--quick] [--out DIR]
+    PYTHONPATH=. python benchmarks/gpu_forward.py [--quick] [--pointers] [--out DIR]
 
 Shapes as in the FlashAttention papers: B · N = 16k tokens, H · d = 2048; fp16 and bf16, d 64 and
 128, causal and not, N in 1024, 4096, 16384. Forward FLOPs are 4 · B · H · N² · d, halved when
 causal. Before timing, our output is checked against SDPA's. The autotuner's timing of every
-candidate configuration is kept, so one run also says which block shapes win where. Prints a table
-of TFLOP/s and ratios and writes ``gpu_forward.json`` with provenance.
+candidate configuration is kept, so one run also says which block shapes win where; ``--pointers``
+also times fp16 with K_j, V_j loaded through masked pointers instead of tensor descriptors. Prints a
+table of TFLOP/s and ratios and writes ``gpu_forward.json`` with provenance.
 """
 
 import argparse
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from flashcourse.kernels import forward
 from flashcourse.kernels.forward import _attn_fwd_tuned, attention_forward
 
 BACKENDS = {
@@ -38,7 +40,7 @@ def time_ms(fn):
     return triton.testing.do_bench(fn, warmup=50, rep=300, return_mode="median")
 
 
-def bench_one(dtype, d, causal, N, tokens=16384, width=2048):
+def bench_one(dtype, d, causal, N, pointers=False, tokens=16384, width=2048):
     B, H = max(1, tokens // N), width // d
     scale = d**-0.5
     q, k, v = (torch.randn(B, H, N, d, device="cuda", dtype=dtype) for _ in range(3))
@@ -50,6 +52,14 @@ def bench_one(dtype, d, causal, N, tokens=16384, width=2048):
     row["config_timings_ms"] = {str(c): t[0] if isinstance(t, list) else t
                                 for c, t in getattr(_attn_fwd_tuned, "configs_timings", {}).items()}
     row["flashcourse_ms"] = time_ms(ours)
+    if pointers:
+        forward.USE_TENSOR_DESCRIPTORS = False
+        try:
+            row["pointers_rel_err"] = ((ours()[0].float() - o.float()).norm() / o.float().norm()).item()
+            row["pointers_config"] = str(_attn_fwd_tuned.best_config)
+            row["pointers_tflops"] = tflops(B, H, N, d, causal, time_ms(ours))
+        finally:
+            forward.USE_TENSOR_DESCRIPTORS = True
     for name, backend in BACKENDS.items():
         try:
             with sdpa_kernel(backend):
@@ -77,6 +87,7 @@ def ratio(row, name):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fp16, d=128, N=4096 only")
+    parser.add_argument("--pointers", action="store_true", help="also time fp16 with pointer loads")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     args = parser.parse_args(argv)
     dtypes = [torch.float16] if args.quick else [torch.float16, torch.bfloat16]
@@ -87,10 +98,11 @@ def main(argv=None):
         for d in dims:
             for causal in (False, True):
                 for N in lengths:
-                    row = bench_one(dtype, d, causal, N)
+                    row = bench_one(dtype, d, causal, N, pointers=args.pointers and dtype == torch.float16)
                     rows.append(row)
                     print(f"{row['dtype']} d={d} causal={causal} N={N}: {row['flashcourse_tflops']:.0f} TFLOP/s "
-                          f"({row['config']}); timings {row['config_timings_ms']}", flush=True)
+                          f"({row['config']}); pointers {row.get('pointers_tflops', 0):.0f} "
+                          f"({row.get('pointers_config')}); timings {row['config_timings_ms']}", flush=True)
     provenance = dict(
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,

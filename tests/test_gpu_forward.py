@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 from flashcourse import flash_attention, naive_attention
 from flashcourse._checks import causal_mask
+from flashcourse.kernels import forward
 from tests.helpers import rel_err
 from tests.test_flash_forward import check_forward
 
@@ -60,6 +61,20 @@ def test_gpu_matches_float64_and_sdpa(B, H, Hkv, Nq, Nk, d, causal, dtype):
     if dtype != torch.float32:  # SDPA computes float32 without tf32: no fair comparison there
         ref = naive_attention(q.double(), k.double(), v.double(), causal=causal)
         assert rel_err(o, ref) <= 2 * sdpa_error(q, k, v, causal, ref) + 1e-4
+
+
+@pytest.mark.parametrize("B, H, Hkv, Nq, Nk, d, causal, dtype", [GRID[1], GRID[5], GRID[8], GRID[14]])
+def test_gpu_pointer_loads(B, H, Hkv, Nq, Nk, d, causal, dtype, monkeypatch):
+    """K_j, V_j through masked pointer loads instead of tensor descriptors."""
+    monkeypatch.setattr(forward, "USE_TENSOR_DESCRIPTORS", False)
+    q, k, v = cuda_qkv(B, H, Hkv, Nq, Nk, d, dtype, seed=Nq + Nk + d)
+    check_forward(q, k, v, causal=causal, tol=GPU_TOL, lse_atol=2e-2 if dtype == torch.float32 else 1e-3)
+
+
+def test_gpu_unaligned_rows_fall_back_to_pointers():
+    q, k, v = cuda_qkv(1, 4, 2, 1000, 1000, 20, torch.float16, seed=4)
+    assert not forward._tma_compatible(k)
+    check_forward(q, k, v, causal=True, tol=GPU_TOL)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

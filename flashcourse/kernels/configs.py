@@ -18,15 +18,24 @@ def _config(block_m: int, block_n: int, warps: int, stages: int) -> triton.Confi
     return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
 
 
-# (B_r, B_c, num_warps, num_stages). B_r = 128 rows fill the 4-warp groups of Hopper's wgmma; the
-# shared memory of one stage is (B_c · d) for K_j and V_j each, so larger d gets fewer stages.
+# Shared memory of one program: Q_i, plus num_stages buffers of K_j and V_j (what Triton allocates).
+SHARED_MEMORY_BYTES = 232448  # the per-block limit of an H100
+
+
+def shared_bytes(config: triton.Config, block_d: int, element_size: int) -> int:
+    kw = config.kwargs
+    return element_size * block_d * (kw["BLOCK_M"] + config.num_stages * 2 * kw["BLOCK_N"])
+
+
+# (B_r, B_c, num_warps, num_stages) per (padded head dim, bytes per element). B_r = 128 rows fill the
+# 4-warp groups of Hopper's wgmma; larger d or 4-byte elements leave room for fewer or smaller stages.
 HOPPER_CONFIGS = {
-    # d <= 64
-    64: [_config(128, 64, 4, 3), _config(128, 128, 8, 3), _config(128, 64, 4, 4), _config(128, 128, 4, 3)],
-    # d <= 128
-    128: [_config(128, 64, 4, 3), _config(128, 128, 8, 3), _config(128, 64, 8, 3), _config(128, 128, 8, 2)],
-    # d <= 256
-    256: [_config(64, 64, 4, 2), _config(128, 64, 8, 2), _config(64, 32, 4, 3)],
+    (64, 2): [_config(128, 64, 4, 3), _config(128, 128, 8, 3), _config(128, 64, 4, 4), _config(128, 128, 4, 3)],
+    (128, 2): [_config(128, 64, 4, 3), _config(128, 128, 8, 3), _config(128, 64, 8, 3), _config(128, 128, 8, 2)],
+    (256, 2): [_config(64, 64, 4, 2), _config(128, 64, 8, 2), _config(64, 32, 4, 3)],
+    (64, 4): [_config(128, 64, 8, 3), _config(64, 64, 4, 3)],
+    (128, 4): [_config(64, 64, 4, 2), _config(128, 32, 8, 3)],
+    (256, 4): [_config(64, 32, 4, 2), _config(32, 32, 4, 2)],
 }
 
 
@@ -36,14 +45,12 @@ def gpu_configs() -> list[triton.Config]:
 
 
 def prune_configs(configs, named_args, **kwargs):
-    """Keep the configurations of the call's padded head dim; float32 (4-byte) tiles get B_c <= 64."""
+    """Keep the configurations listed for the call's padded head dim and element size that fit."""
     args = {**named_args, **kwargs}
-    block_d = args["BLOCK_D"]
-    wanted = HOPPER_CONFIGS[min(k for k in HOPPER_CONFIGS if k >= block_d)]
+    block_d, element_size = args["BLOCK_D"], args["Q"].element_size()
+    wanted = HOPPER_CONFIGS[(min(d for d, _ in HOPPER_CONFIGS if d >= block_d), element_size)]
     kept = [c for c in configs if any(c is w for w in wanted)]
-    if args["Q"].element_size() == 4:
-        kept = [c for c in kept if c.kwargs["BLOCK_N"] <= 64] or kept[:1]
-    return kept
+    return [c for c in kept if shared_bytes(c, block_d, element_size) <= SHARED_MEMORY_BYTES] or kept[-1:]
 
 
 def length_bucket(n: int) -> int:

@@ -29,21 +29,32 @@ MAX_HEAD_DIM = 256
 
 
 @triton.jit
-def _load_kv_tile(base, rows, cols, stride_row, stride_col, Nk, HEAD_DIM: tl.constexpr, MASK_ROWS: tl.constexpr):
-    """The (B_c, BLOCK_D) tile K_j or V_j; masks only what needs it (ragged key end, padded head dim)."""
-    if MASK_ROWS or HEAD_DIM != cols.shape[0]:
-        return load_tile(base, rows, cols, stride_row, stride_col, Nk, HEAD_DIM)
+def _load_kv_tile(
+    src, start_n, cols, stride_row, stride_col, Nk,
+    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASK_ROWS: tl.constexpr, USE_TMA: tl.constexpr,
+):
+    """The (B_c, BLOCK_D) tile K_j or V_j starting at key start_n, zero past Nk and past HEAD_DIM.
+
+    ``src`` is a tensor descriptor (USE_TMA: Hopper's copy engine fetches the tile and fills what lies
+    outside the (Nk, HEAD_DIM) matrix with zeros) or the head's base pointer (masked only where needed).
+    """
+    if USE_TMA:
+        return src.load([start_n, 0])
     else:
-        return tl.load(base + rows[:, None] * stride_row + cols[None, :] * stride_col)
+        rows = start_n + tl.arange(0, BLOCK_N)
+        if MASK_ROWS or HEAD_DIM != cols.shape[0]:
+            return load_tile(src, rows, cols, stride_row, stride_col, Nk, HEAD_DIM)
+        else:
+            return tl.load(src + rows[:, None] * stride_row + cols[None, :] * stride_col)
 
 
 @triton.jit
 def _attn_fwd_inner(
     acc, l_i, m_i, q,
-    K_head, V_head, stride_kn, stride_kd, stride_vn, stride_vd,
+    K_src, V_src, stride_kn, stride_kd, stride_vn, stride_vd,
     offs_m, offs_d, start, end, Nk, shift, qk_scale,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     """Fold the key blocks K_j, V_j with start <= j·B_c < end into (acc, l_i, m_i).
 
@@ -53,7 +64,7 @@ def _attn_fwd_inner(
     for start_n in range(start, end, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        K_j = _load_kv_tile(K_head, offs_n, offs_d, stride_kn, stride_kd, Nk, HEAD_DIM, MASKED)
+        K_j = _load_kv_tile(K_src, start_n, offs_d, stride_kn, stride_kd, Nk, HEAD_DIM, BLOCK_N, MASKED, USE_TMA)
         # S_ij = Q_i K_jᵀ                                        (B_r, B_c), float32
         s = dot(q, tl.trans(K_j), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), UPCAST)
         if MASKED:
@@ -74,7 +85,7 @@ def _attn_fwd_inner(
         alpha = tl.math.exp2(m_i - m_new_safe)
         # l_i = α l_i + rowsum(P̃_ij)
         l_i = l_i * alpha + tl.sum(p, 1)
-        V_j = _load_kv_tile(V_head, offs_n, offs_d, stride_vn, stride_vd, Nk, HEAD_DIM, MASKED)
+        V_j = _load_kv_tile(V_src, start_n, offs_d, stride_vn, stride_vd, Nk, HEAD_DIM, BLOCK_N, MASKED, USE_TMA)
         # acc_i = α acc_i + P̃_ij V_j                           (still unnormalised)
         acc = dot(p.to(V_j.dtype), V_j, acc * alpha[:, None], UPCAST)
         m_i = m_new
@@ -90,7 +101,7 @@ def _attn_fwd_kernel(
     stride_ob, stride_oh, stride_om, stride_od,
     H, GROUP, Nq, Nk, qk_scale, N_BUCKET,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    USE_TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """O_i, L_i for one block of B_r = BLOCK_M query rows of one (batch, head). L is contiguous (B, H, Nq)."""
     pid_m = tl.program_id(0)
@@ -113,6 +124,14 @@ def _attn_fwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     q = load_tile(Q_head, offs_m, offs_d, stride_qm, stride_qd, Nq, HEAD_DIM)
 
+    if USE_TMA:
+        # K and V of this head as (Nk, d) matrices for the copy engine (row stride 16-byte aligned, d stride 1)
+        K_src = tl.make_tensor_descriptor(K_head, [Nk, HEAD_DIM], [stride_kn, 1], [BLOCK_N, BLOCK_D])
+        V_src = tl.make_tensor_descriptor(V_head, [Nk, HEAD_DIM], [stride_vn, 1], [BLOCK_N, BLOCK_D])
+    else:
+        K_src = K_head
+        V_src = V_head
+
     # m_i = −inf, l_i = 0, acc_i = 0
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -133,14 +152,14 @@ def _attn_fwd_kernel(
         unmasked_end = full_end
 
     acc, l_i, m_i = _attn_fwd_inner(
-        acc, l_i, m_i, q, K_head, V_head, stride_kn, stride_kd, stride_vn, stride_vd,
+        acc, l_i, m_i, q, K_src, V_src, stride_kn, stride_kd, stride_vn, stride_vd,
         offs_m, offs_d, 0, unmasked_end, Nk, shift, qk_scale,
-        False, CAUSAL, HEAD_DIM, BLOCK_M, BLOCK_N, UPCAST,
+        False, CAUSAL, HEAD_DIM, BLOCK_M, BLOCK_N, UPCAST, USE_TMA,
     )
     acc, l_i, m_i = _attn_fwd_inner(
-        acc, l_i, m_i, q, K_head, V_head, stride_kn, stride_kd, stride_vn, stride_vd,
+        acc, l_i, m_i, q, K_src, V_src, stride_kn, stride_kd, stride_vn, stride_vd,
         offs_m, offs_d, unmasked_end, end, Nk, shift, qk_scale,
-        True, CAUSAL, HEAD_DIM, BLOCK_M, BLOCK_N, UPCAST,
+        True, CAUSAL, HEAD_DIM, BLOCK_M, BLOCK_N, UPCAST, USE_TMA,
     )
 
     # O_i = acc_i / l_i, one division at the end; a row that saw no key (l_i = 0) gets O_i = 0
@@ -154,9 +173,24 @@ def _attn_fwd_kernel(
 
 _attn_fwd_tuned = triton.autotune(
     configs=gpu_configs(),
-    key=["HEAD_DIM", "CAUSAL", "N_BUCKET"],
+    key=["HEAD_DIM", "CAUSAL", "USE_TMA", "N_BUCKET"],
     prune_configs_by={"early_config_prune": prune_configs},
 )(_attn_fwd_kernel)
+
+
+# Load K_j and V_j through tensor descriptors (the copy engine, TMA, on Hopper) where the layout allows
+USE_TENSOR_DESCRIPTORS = True
+
+
+def _tma_compatible(t: torch.Tensor) -> bool:
+    """A descriptor needs the last stride 1 and every other stride, and the start, 16-byte aligned."""
+    es = t.element_size()
+    return t.stride(-1) == 1 and all(s * es % 16 == 0 for s in t.stride()[:-1]) and t.data_ptr() % 16 == 0
+
+
+def _descriptor_scratch(size: int, alignment: int, stream):
+    """Global memory in which a kernel writes the descriptors it makes (Triton asks for it on a GPU)."""
+    return torch.empty(size, dtype=torch.int8, device="cuda")
 
 
 def attention_forward(
@@ -189,8 +223,12 @@ def attention_forward(
         *q.stride(), *k.stride(), *v.stride(), *o.stride(),
         H, H // Hkv, Nq, Nk, scale * LOG2_E, length_bucket(max(Nq, Nk)),
     )
+    use_tma = USE_TENSOR_DESCRIPTORS and _tma_compatible(k) and _tma_compatible(v)
+    if use_tma and not INTERPRET:
+        triton.set_allocator(_descriptor_scratch)
     meta = dict(
-        HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)), CAUSAL=bool(causal), UPCAST=upcast_dots(q.dtype)
+        HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)), CAUSAL=bool(causal), UPCAST=upcast_dots(q.dtype),
+        USE_TMA=use_tma,
     )
     if INTERPRET or block_m is not None or block_n is not None:
         block_m = block_m or INTERPRET_BLOCK_M
