@@ -230,12 +230,14 @@ class _Reference:
     alignment, query row i of the slice sees keys j <= i + N − r, exactly those of the full problem.
     """
 
-    def __init__(self, q, k, v, dO_slice, causal: bool):
+    def __init__(self, q, k, v, causal: bool, seed: int = 0):
         B, H, N, d = q.shape
         r, h = min(N, CHECK_ROWS), min(H, CHECK_HEADS)
         self.index = (slice(0, 1), slice(0, h), slice(N - r, N))
         self.kv_index = (slice(0, 1), slice(0, h))
-        self.causal, self.dO_slice = causal, dO_slice
+        self.causal = causal
+        # dO of the check, in q's dtype so that the provider sees exactly these values
+        self.dO_slice = torch.randn(1, h, r, d, generator=torch.Generator().manual_seed(seed)).to(q.dtype)
         self.q = q[self.index].to("cpu", torch.float64)
         self.k, self.v = (t[self.kv_index].to("cpu", torch.float64) for t in (k, v))
         self._o = self._grads = None
@@ -305,8 +307,11 @@ def time_ms(step: Callable, device: torch.device, warmup_ms: float = 25, rep_ms:
     return _cpu_median_ms(step, warmup_ms, rep_ms)
 
 
-def make_step(fn: Provider, q, k, v, dO, causal: bool, mode: str) -> Callable:
-    """The work one timed call does. ``bwd`` builds the forward graph once, here, and times the backward."""
+def make_step(fn: Provider, q, k, v, causal: bool, mode: str, seed: int = 0) -> Callable:
+    """The work one timed call does. ``bwd`` builds the forward graph once, here, and times the backward.
+
+    The backward modes draw a random dO (B, H, N, d) here, so that ``fwd`` holds only q, k, v (and o).
+    """
     if mode == "fwd":
 
         def step():
@@ -314,6 +319,8 @@ def make_step(fn: Provider, q, k, v, dO, causal: bool, mode: str) -> Callable:
                 return fn(q, k, v, causal)
 
         return step
+    g = torch.Generator(q.device).manual_seed(seed)
+    dO = torch.randn(q.shape, generator=g, device=q.device, dtype=q.dtype)
     qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
     if mode == "bwd":
         o = fn(qg, kg, vg, causal)
@@ -463,8 +470,8 @@ def _bench_shape(table, providers, modes, dtype, B, H, N, d, causal, device, war
     """All providers and modes on one shape: one set of random inputs and one reference."""
     tol = TOLERANCE[dtype] if tol is None else tol
     g = torch.Generator(device).manual_seed(seed)
-    q, k, v, dO = (torch.randn(B, H, N, d, generator=g, device=device, dtype=dtype) for _ in range(4))
-    ref = _Reference(q, k, v, dO[0:1, : min(H, CHECK_HEADS), -min(N, CHECK_ROWS):].cpu(), causal)
+    q, k, v = (torch.randn(B, H, N, d, generator=g, device=device, dtype=dtype) for _ in range(3))
+    ref = _Reference(q, k, v, causal, seed)
     results = []
     for name in providers:
         checked: Dict[bool, tuple] = {}  # with_grad -> (status, note, err) of this provider's check
@@ -476,15 +483,15 @@ def _bench_shape(table, providers, modes, dtype, B, H, N, d, causal, device, war
             elif name in SLOW_PROVIDERS and N > slow_max_n:
                 m.status, m.note = "skipped", f"{name} is slow: skipped above N={slow_max_n} (raise slow_max_n)"
             else:
-                _measure(m, table[name], q, k, v, dO, ref, device, warmup_ms, rep_ms, check, tol, checked)
+                _measure(m, table[name], q, k, v, ref, device, warmup_ms, rep_ms, check, tol, checked, seed)
             results.append(m)
             bar.update(1)
-    del q, k, v, dO, ref
+    del q, k, v, ref
     _free(device)
     return results
 
 
-def _measure(m: Measurement, fn, q, k, v, dO, ref, device, warmup_ms, rep_ms, check, tol, checked) -> None:
+def _measure(m: Measurement, fn, q, k, v, ref, device, warmup_ms, rep_ms, check, tol, checked, seed) -> None:
     """Check then time one provider in one mode, filling ``m``; exceptions become a status and a note."""
     with_grad = m.mode != "fwd"
     needed = [False, True] if with_grad else [False]
@@ -501,7 +508,7 @@ def _measure(m: Measurement, fn, q, k, v, dO, ref, device, warmup_ms, rep_ms, ch
                     if m.status != "ok":
                         return
             _free(device)
-            step = make_step(fn, q, k, v, dO, m.causal, m.mode)
+            step = make_step(fn, q, k, v, m.causal, m.mode, seed)
             step()  # warm-up and autotuning, outside the peak memory and the timing
             peak = peak_memory_bytes(step, device)
             if peak is not None:
