@@ -52,7 +52,7 @@ def bench_one(dtype, d, causal, N, tokens=16384, width=2048):
     mine = ours()  # autotunes on the first call for this shape
     for name, kernel in (("dkdv", bw._dkdv), ("dq", bw._dq)):
         timings = getattr(kernel, "configs_timings", None) or {}
-        row[f"{name}_config_ms"] = {str(c): t[0] if isinstance(t, list) else t for c, t in timings.items()}
+        row[f"{name}_config_times"] = {str(c): t[0] if isinstance(t, list) else t for c, t in timings.items()}
     row["flashcourse_ms"] = triton.testing.do_bench(ours, warmup=25, rep=200, return_mode="median")
     row["dkdv_config"] = str(bw._dkdv.best_config)
     row["dq_config"] = str(bw._dq.best_config)
