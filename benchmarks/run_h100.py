@@ -99,7 +99,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("out", help="directory for the files (on the device: $OUT)")
     p.add_argument("--tiny", action="store_true", help="toy sizes: test every code path quickly, CPU or GPU")
-    p.add_argument("--grid-budget", type=float, default=300, help="seconds for part 1; later shapes are skipped [300]")
+    p.add_argument("--grid-budget", type=float, default=330,
+                   help="seconds for part 1 with its compiling; shapes not started by then are skipped [330]")
     p.add_argument("--precompile", type=int, default=None, metavar="PROCS",
                    help="processes that compile the Triton kernels before part 1 [8; 2 with --tiny; 0: off]")
     p.add_argument("--commit", default=None, help="git commit of the code, recorded in the provenance")

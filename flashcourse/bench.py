@@ -386,8 +386,9 @@ def benchmark(
     ``batch``/``heads`` default to B = tokens // N and H = hidden // d. ``extra_providers`` adds
     providers ``f(q, k, v, causal) -> o`` by name (name them in ``providers`` too). ``tol`` overrides
     the relative-error limit of the check (``TOLERANCE`` by dtype). After ``time_budget_s`` seconds
-    the remaining measurements are marked skipped. ``precompile_processes`` > 0 first compiles the
-    Triton kernels of every shape in that many processes (see ``precompile``). Inputs are random
+    the remaining measurements are marked skipped (the budget includes precompiling).
+    ``precompile_processes`` > 0 first compiles the Triton kernels of every shape in that many
+    processes (see ``precompile``). Inputs are random
     normal (never zeros), one set per shape, shared by all providers.
     """
     table = {**PROVIDERS, **(extra_providers or {})}
@@ -406,13 +407,14 @@ def benchmark(
                 for N in _as_list(seqlens):
                     B, H = default_batch_heads(N, d, tokens, hidden)
                     shapes.append((dt, d, bool(c), N, batch or B, heads or H))
+    t_start = time.perf_counter()
     if precompile_processes > 0 and "flashcourse" in providers:
         for problem in precompile(shapes, with_backward=any(m != "fwd" for m in modes),
                                   processes=precompile_processes, device=device):
             warnings.warn(f"flashcourse bench: precompiling failed for {problem} (the run will say why)")
     total = len(shapes) * len(providers) * len(_as_list(modes))
     bar = _progress_bar(total, progress)
-    t_start, results = time.perf_counter(), []
+    results = []
     for dtype, d, is_causal, N, B, H in shapes:
         out_of_time = time_budget_s is not None and time.perf_counter() - t_start > time_budget_s
         results += _bench_shape(
