@@ -1,0 +1,38 @@
+"""Deliberately wrong implementations lose points: each mutant is a solution with one classic bug."""
+
+import pytest
+
+from flashcourse.grading import grade
+from flashcourse.grading.report import total
+from flashcourse.grading.runner import REPO_ROOT
+
+# (file, exercise, the bug, solution text, replacement)
+MUTANTS = [
+    ("ch01_naive", "causal_mask", "causal mask off by one", "return j <= i + (Nk - Nq)", "return j < i + (Nk - Nq)"),
+    ("ch01_naive", "causal_mask", "causal mask top-left aligned", "return j <= i + (Nk - Nq)", "return j <= i"),
+    ("ch01_naive", "naive_attention", "scale applied twice", "S = scale * (Q @ K", "S = scale * scale * (Q @ K"),
+    ("ch01_naive", "naive_attention", "softmax over the wrong dim", "torch.softmax(S, dim=-1).nan", "torch.softmax(S, dim=-2).nan"),
+    ("ch02_softmax", "safe_softmax", "missing max subtraction", "e = torch.exp(x - m)", "e = torch.exp(x)"),
+    ("ch02_softmax", "online_softmax", "running sum not rescaled",
+     "l = l * torch.exp(m - m_safe) + ", "l = l + "),
+    ("ch02_softmax", "merge_states", "o not rescaled", "alpha[..., None] * a.o + beta[..., None] * b.o", "a.o + b.o"),
+    ("ch02_softmax", "merge_states", "NaN for empty states", "m_safe = torch.where(torch.isneginf(m), 0.0, m)\n    # α",
+     "m_safe = m\n    # α"),
+    ("ch03_tiling", "tiled_attention_forward", "accumulator not rescaled",
+     "O_i = alpha[..., None] * O_i + P_ij @ V_j", "O_i = O_i + P_ij @ V_j"),
+    ("ch03_tiling", "tiled_attention_forward", "logsumexp without the max", "m_i + torch.log(l_i)", "torch.log(l_i)"),
+    ("ch03_tiling", "tiled_attention_forward", "causal mask off by one", "cols[None, :] > rows[:, None]",
+     "cols[None, :] >= rows[:, None]"),
+    ("ch03_tiling", "tiled_attention_forward", "no final division by l", "O_i / l_i[..., None], 0.0", "O_i, 0.0"),
+]
+
+
+@pytest.mark.parametrize("stem, exercise, bug, old, new", MUTANTS, ids=[f"{m[0][:4]}-{m[2]}" for m in MUTANTS])
+def test_a_classic_bug_loses_points(tmp_path, stem, exercise, bug, old, new):
+    text = (REPO_ROOT / "solutions" / f"{stem}.py").read_text()
+    assert text.count(old) == 1, f"the mutant '{bug}' no longer matches solutions/{stem}.py"
+    (tmp_path / f"{stem}.py").write_text(text.replace(old, new))
+    results = grade([stem], tmp_path, isolate=False, exercises=[exercise])
+    earned, possible = total(results)
+    assert earned < possible, f"'{bug}' kept all {possible} points of {stem}.{exercise}"
+    assert all(r.status in ("passed", "failed") for r in results)
