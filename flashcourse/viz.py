@@ -102,6 +102,19 @@ def show_error(name: str, got: torch.Tensor, want: torch.Tensor, atol: float = 1
     print(f"{'✓' if err <= atol else '✗'} {name}: max |error| = {err:.3g}")
 
 
+def show_source(fn, start: Optional[str] = None, stop: Optional[str] = None) -> None:
+    """Print the source of a function or ``@triton.jit`` kernel, from the line containing ``start`` up
+    to (not including) the line containing ``stop``; the whole source if either marker is not found."""
+    import inspect
+
+    lines = inspect.getsource(getattr(fn, "fn", fn)).splitlines()
+    first = next((i for i, line in enumerate(lines) if start and start in line), None)
+    last = next((i for i, line in enumerate(lines) if stop and stop in line and i > (first or 0)), None)
+    if start is not None and stop is not None and first is not None and last is not None:
+        lines = lines[first:last]
+    print("\n".join(lines))
+
+
 def _style(ax, xlabel: str, ylabel: str, title: Optional[str] = None):
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)

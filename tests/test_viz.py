@@ -126,3 +126,11 @@ def test_show_error_marks_wrong_and_nan(capsys):
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("✓ same") and out[1].startswith("✗ off") and out[2].startswith("✗ nan")
     assert "inf" in out[2]
+
+
+def test_show_source_prints_a_marked_range_or_everything(capsys):
+    viz.show_source(viz.show_error, start="got, want =", stop="print(")
+    part = capsys.readouterr().out
+    assert part.lstrip().startswith("got, want =") and "print(" not in part
+    viz.show_source(viz.show_error, start="no such marker", stop="print(")
+    assert capsys.readouterr().out.startswith("def show_error")
