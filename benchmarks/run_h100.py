@@ -85,7 +85,7 @@ def format_long(rows, first_oom, plan):
         under = {True: "yes", False: "NO", None: "n/a"}[r["under_limit"]]
         lines.append(
             f"| {r['provider']} | {r['N']} | {r['status']} | {bench.fmt_value(r['ms'], '.1f')} | {bench.fmt_value(r['tflops'], '.1f')} "
-            f"| {bench.fmt_value(r['peak_mib'], '.0f')} | {r['io_mib']:.0f} | {bench.fmt_value(r['peak_over_io'], '.3f')} | {under} |"
+            f"| {bench.fmt_value(r['peak_mib'], '.0f')} | {r['io_mib']:.4g} | {bench.fmt_value(r['peak_over_io'], '.3f')} | {under} |"
         )
     tried = plan["naive_seqlens"]
     for mode in ("fwd", "fwd+bwd"):

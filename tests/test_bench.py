@@ -78,6 +78,23 @@ def test_wrong_providers_are_flagged_and_the_run_goes_on():
     assert failed.ms is None and failed.tflops is None and failed.max_rel_err > 0.1
 
 
+def test_exceptions_become_statuses_with_reasons():
+    class Caught:  # what warnings.catch_warnings(record=True) collects
+        def __init__(self, message):
+            self.message = message
+
+    # PyTorch on a GPU: the RuntimeError is generic, the warnings say why each backend declined
+    caught = [Caught("Flash attention kernel not used because:"), Caught("Flash attention requires q,k,v to have head dim <= 256")]
+    status, note = bench._classify(RuntimeError("No available kernel. Aborting execution."), caught)
+    assert status == "skipped" and "head dim <= 256" in note and "not used because" not in note
+    cpu_oom = RuntimeError("[enforce fail at alloc_cpu.cpp:121] DefaultCPUAllocator: can't allocate memory: you tried 64 GB")
+    assert bench._classify(cpu_oom)[0] == "oom"
+    assert bench._classify(torch.cuda.OutOfMemoryError("CUDA out of memory.\nTried to allocate"))[1] == \
+        "OutOfMemoryError: CUDA out of memory."
+    assert bench._classify(bench.Unavailable("not built yet")) == ("skipped", "not built yet")
+    assert bench._classify(ValueError("q must have 4 dimensions")) == ("error", "ValueError: q must have 4 dimensions")
+
+
 def test_flashcourse_triton_kernels_checked_and_timed():
     results = bench.benchmark(providers=["flashcourse", "tiled"], modes=["fwd+bwd"], causal=[True], **TINY)
     for m in results:
