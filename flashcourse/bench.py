@@ -409,8 +409,12 @@ def benchmark(
                     shapes.append((dt, d, bool(c), N, batch or B, heads or H))
     t_start = time.perf_counter()
     if precompile_processes > 0 and "flashcourse" in providers:
-        for problem in precompile(shapes, with_backward=any(m != "fwd" for m in modes),
-                                  processes=precompile_processes, device=device):
+        try:
+            problems = precompile(shapes, with_backward=any(m != "fwd" for m in modes),
+                                  processes=precompile_processes, device=device)
+        except Exception as exc:  # e.g. a worker that died: the timed run compiles what is missing itself
+            problems = [f"all shapes ({type(exc).__name__}: {exc})"]
+        for problem in problems:
             warnings.warn(f"flashcourse bench: precompiling failed for {problem} (the run will say why)")
     total = len(shapes) * len(providers) * len(_as_list(modes))
     bar = _progress_bar(total, progress)
@@ -471,24 +475,30 @@ def _bench_shape(table, providers, modes, dtype, B, H, N, d, causal, device, war
                  slow_max_n, seed, bar, out_of_time) -> List[Measurement]:
     """All providers and modes on one shape: one set of random inputs and one reference."""
     tol = TOLERANCE[dtype] if tol is None else tol
-    g = torch.Generator(device).manual_seed(seed)
-    q, k, v = (torch.randn(B, H, N, d, generator=g, device=device, dtype=dtype) for _ in range(3))
-    ref = _Reference(q, k, v, causal, seed)
-    results = []
+    results, q, k, v, ref = [], None, None, None, None
+    skip = ("skipped", "time budget of the run used up") if out_of_time else None  # (status, note) of all
+    if skip is None:
+        try:
+            g = torch.Generator(device).manual_seed(seed)
+            q, k, v = (torch.randn(B, H, N, d, generator=g, device=device, dtype=dtype) for _ in range(3))
+            ref = _Reference(q, k, v, causal, seed)
+        except Exception as exc:  # the inputs alone do not fit: every measurement of the shape says so
+            status, note = _classify(exc)
+            skip = (status, f"allocating the inputs: {note}")
     for name in providers:
         checked: Dict[bool, tuple] = {}  # with_grad -> (status, note, err) of this provider's check
         for mode in modes:
             m = Measurement(name, mode, _dtype_name(dtype), B, H, N, d, causal)
             bar.set_postfix_str(f"{name} {mode} {m.dtype} d={d} N={N}{' causal' if causal else ''}")
-            if out_of_time:
-                m.status, m.note = "skipped", "time budget of the run used up"
+            if skip is not None:
+                m.status, m.note = skip
             elif name in SLOW_PROVIDERS and N > slow_max_n:
                 m.status, m.note = "skipped", f"{name} is slow: skipped above N={slow_max_n} (raise slow_max_n)"
             else:
                 _measure(m, table[name], q, k, v, ref, device, warmup_ms, rep_ms, check, tol, checked, seed)
             results.append(m)
             bar.update(1)
-    del q, k, v, ref
+    q = k = v = ref = None
     _free(device)
     return results
 

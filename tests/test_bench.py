@@ -109,6 +109,16 @@ def test_time_budget_and_slow_providers_are_skipped():
     assert m.status == "skipped" and "slow" in m.note
 
 
+def test_inputs_that_do_not_fit_mark_the_shape_oom(monkeypatch):
+    def randn(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 512.00 GiB")
+
+    monkeypatch.setattr(torch, "randn", randn)
+    results = bench.benchmark(providers=["naive", "sdpa-math"], modes=["fwd", "bwd"], **TINY)
+    assert len(results) == 8 and {m.status for m in results} == {"oom"}
+    assert results[0].note.startswith("allocating the inputs: OutOfMemoryError")
+
+
 def test_unknown_provider_or_mode_says_what_exists():
     with pytest.raises(ValueError, match="sdpa-flash"):
         bench.benchmark(providers=["flash"], **TINY)
