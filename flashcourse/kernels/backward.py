@@ -42,24 +42,32 @@ if INTERPRET:
     _DKDV_CONFIGS = _configs([(16, 32, 4, 1)])
     _DQ_CONFIGS = _configs([(32, 16, 4, 1)])
     _PRE_BLOCK_M = 32
-else:  # Hopper first: a wide key block for dK/dV, a tall query block for dQ; (B_r, B_c, warps, stages)
-    _DKDV_CONFIGS = _configs([(32, 128, 4, 4), (64, 128, 8, 3), (32, 128, 8, 3), (64, 64, 4, 3),
-                              (32, 64, 4, 3), (32, 64, 8, 2)])
-    _DQ_CONFIGS = _configs([(128, 32, 4, 4), (128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3),
-                            (128, 128, 8, 2), (64, 32, 4, 2)])
+else:  # Hopper, from the H100 run in benchmarks/NOTES_backward.md; (B_r, B_c, warps, stages)
+    # dK/dV: a wide key block B_c = 128 wins (32 rows, 4 warps at d <= 64; 64 rows, 8 warps at d = 128);
+    # (32, 64, 4) wins short causal runs; the last ones are there for d = 256 (and float32 d >= 128).
+    _DKDV_CONFIGS = _configs([(32, 128, 4, 4), (64, 128, 8, 3), (32, 64, 4, 3), (64, 64, 4, 3), (32, 64, 8, 2),
+                              (16, 32, 4, 2)])
+    # dQ: (128, 64, 8 warps, 3 stages) won every measured shape
+    _DQ_CONFIGS = _configs([(128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2), (64, 32, 4, 2), (32, 32, 4, 2)])
     _PRE_BLOCK_M = 64
 
 
-def _fitting(accumulator):
-    """An autotune pruner: the first five configurations whose float32 accumulators ((B_c, d) twice
-    for dK/dV, (B_r, d) for dQ) take at most 128 of each thread's 255 registers for this head dim."""
+def _fitting(kernel):
+    """An autotune pruner keeping the first three configurations that fit on chip for this head dim:
+    float32 accumulators ((B_c, d) twice for dK/dV, (B_r, d) for dQ) in at most 128 of a thread's 255
+    registers, and an estimated 200 KB of shared memory for the two tiles streamed per pipeline stage
+    (Q_iᵀ, dO_i or K_jᵀ, V_jᵀ) plus the two kept resident (K_j, V_j or Q_i, dO_i)."""
 
     def prune(configs, named_args, **kwargs):
-        def registers(c):
-            rows = c.kwargs["BLOCK_N"] * 2 if accumulator == "dkdv" else c.kwargs["BLOCK_M"]
-            return rows * kwargs["D_PAD"] / (32 * c.num_warps)
+        d, size = kwargs["D_PAD"], named_args["Q"].element_size()
 
-        return [c for c in configs if registers(c) <= 128][:5] or [min(configs, key=registers)]
+        def cost(c):
+            kept, streamed = (("BLOCK_N", "BLOCK_M") if kernel == "dkdv" else ("BLOCK_M", "BLOCK_N"))
+            registers = c.kwargs[kept] * (2 if kernel == "dkdv" else 1) * d / (32 * c.num_warps)
+            shared = 2 * d * size * (c.num_stages * c.kwargs[streamed] + c.kwargs[kept])
+            return shared / 200e3, registers / 128
+
+        return [c for c in configs if max(cost(c)) <= 1][:3] or [min(configs, key=lambda c: max(cost(c)))]
 
     return prune
 
