@@ -24,6 +24,16 @@ MUTANTS = [
     ("ch03_tiling", "tiled_attention_forward", "causal mask off by one", "cols[None, :] > rows[:, None]",
      "cols[None, :] >= rows[:, None]"),
     ("ch03_tiling", "tiled_attention_forward", "no final division by l", "O_i / l_i[..., None], 0.0", "O_i, 0.0"),
+    ("ch04_triton_primer", "softmax_kernel", "padding loaded as 0, not −inf",
+     'mask=mask, other=float("-inf")).to(tl.float32)', "mask=mask, other=0.0).to(tl.float32)"),
+    ("ch04_triton_primer", "matmul_kernel", "b's column stride ignored", "offs_n[None, :] * stride_bn,", "offs_n[None, :],"),
+    ("ch06_backward", "naive_backward", "dS without D", "dS = P * (dP - backward_delta(o, do)[..., None])", "dS = P * dP"),
+    ("ch06_backward", "naive_backward", "scale applied to dV too", "dV = P.transpose(-2, -1) @ dO",
+     "dV = scale * P.transpose(-2, -1) @ dO"),
+    ("ch06_backward", "tiled_backward", "L = −inf rows not guarded", "L = torch.where(torch.isneginf(lse), 0.0, lse.float())",
+     "L = lse.float()"),
+    ("ch06_backward", "tiled_backward", "dK_j overwritten, not accumulated", "dK[:, :, j0 : j0 + block_n] += ",
+     "dK[:, :, j0 : j0 + block_n] = "),
 ]
 
 

@@ -4,7 +4,7 @@ import torch
 
 import flashcourse as fc
 
-from ..framework import case_name, expect_close, qkv, tolerance
+from ..framework import case_name, expect, expect_close, qkv, randn, tolerance
 
 # (B, H, Nq, Nk, d): a single query, lengths that are not multiples of any block, Nq != Nk both ways
 SHAPES = [(1, 1, 1, 1, 8), (2, 3, 17, 17, 16), (1, 2, 37, 70, 32), (1, 2, 45, 20, 16)]
@@ -33,3 +33,25 @@ def expect_lse(what: str, got, want, dtype, case: str) -> None:
     """got is L (B, H, Nq) in float32 (float64 for float64 inputs) and close to the float64 oracle."""
     expect_close(what, got, want, case=case, dtype=torch.float64 if dtype == torch.float64 else torch.float32,
                  **tolerance(torch.float32))
+
+
+def device() -> str:
+    """Where Triton kernels run: the GPU when there is one, else the CPU (in Triton's interpreter)."""
+    return "cuda" if fc.HAS_CUDA else "cpu"
+
+
+def backward_case(q, k, v, causal: bool, scale=None, seed: int = 99):
+    """(o, lse, do, (dq, dk, dv)): the forward results in the inputs' dtype (lse float32), a random dO,
+    and the float64 gradients of flashcourse.naive_attention_backward."""
+    O, L = oracle(q, k, v, causal, scale)
+    do = randn(*q.shape, seed=seed, dtype=q.dtype)
+    grads = fc.naive_attention_backward(q.double(), k.double(), v.double(), O, do.double(), causal=causal, scale=scale)
+    return O.to(q.dtype), L.float(), do, grads
+
+
+def expect_grads(what: str, got, want, inputs, case: str) -> None:
+    """got = (dq, dk, dv) shaped and typed like (q, k, v) and close to the float64 gradients."""
+    expect(isinstance(got, tuple) and len(got) == 3, f"{what} must return a tuple (dq, dk, dv), got {type(got).__name__} [{case}]")
+    for name, g, w, x in zip(("dq", "dk", "dv"), got, want, inputs):
+        expect_close(f"{name} of {what} vs flashcourse.naive_attention_backward", g, w, case=case, dtype=x.dtype,
+                     **tolerance(x.dtype))

@@ -1,0 +1,62 @@
+"""Chapter 06: D = rowsum(dO∘O), the backward pass with whole matrices and tile by tile, against
+flashcourse.naive_attention_backward in float64."""
+
+import torch
+
+from ..framework import ChapterChecks, expect_close, randn, tolerance
+from ._common import attention_cases, backward_case, expect_grads
+
+CHECKS = ChapterChecks("ch06")
+
+
+@CHECKS.add("backward_delta", "D = rowsum(dO ∘ O), float32 and float16",
+            hint="(do.float() * o.float()).sum(dim=-1): one float32 number per query row")
+def _(m):
+    for dtype in (torch.float32, torch.float16):
+        o, do = randn(2, 3, 21, 16, seed=1, dtype=dtype), randn(2, 3, 21, 16, seed=2, dtype=dtype)
+        want = (o.double() * do.double()).sum(dim=-1)
+        expect_close("backward_delta(o, do) vs rowsum(dO ∘ O)", m.backward_delta(o, do), want, case=str(dtype),
+                     dtype=torch.float32, **tolerance(torch.float32))
+
+
+def _grad_check(m, fn: str, tiled: bool, scale=None, blocks=None, **cases):
+    blocks = blocks or {}
+    for case, q, k, v, causal in attention_cases(**cases):
+        o, lse, do, want = backward_case(q, k, v, causal, scale)
+        args = (q, k, v, o, lse, do) if tiled else (q, k, v, o, do)
+        kwargs = {"causal": causal, **({} if scale is None else {"scale": scale}), **blocks}
+        case += "".join(f" {name}={b}" for name, b in kwargs.items() if name != "causal")
+        expect_grads(f"{fn}(...)", getattr(m, fn)(*args, **kwargs), want, (q, k, v), case)
+
+
+@CHECKS.add("naive_backward", "not causal", points=2,
+            hint="dV = Pᵀ dO, dP = dO Vᵀ, dS = P ∘ (dP − D), dQ = scale · dS K, dK = scale · dSᵀ Q")
+def _(m):
+    _grad_check(m, "naive_backward", False, causal_options=(False,))
+
+
+@CHECKS.add("naive_backward", "causal, and an explicit scale",
+            hint="mask S before the softmax (rows with no key: P = 0); the scale goes into S and into dQ, dK once")
+def _(m):
+    _grad_check(m, "naive_backward", False, causal_options=(True,))
+    _grad_check(m, "naive_backward", False, scale=0.3, shapes=[(1, 2, 19, 23, 16)])
+
+
+@CHECKS.add("tiled_backward", "not causal, lengths not multiples of the blocks", points=2,
+            hint="P_ij = exp(S_ij − L_i) needs no max: L already normalises; accumulate dK_j, dV_j over all i")
+def _(m):
+    _grad_check(m, "tiled_backward", True, causal_options=(False,))
+
+
+@CHECKS.add("tiled_backward", "causal (Nq == Nk, Nq < Nk, Nq > Nk)", points=2,
+            hint="mask S_ij with absolute positions (j0 + c > i0 + r + Nk − Nq); where L_i = −inf subtract 0 instead")
+def _(m):
+    _grad_check(m, "tiled_backward", True, causal_options=(True,))
+
+
+@CHECKS.add("tiled_backward", "other blocks, explicit scale, float16",
+            hint="use block_m for the query blocks and block_n for the key blocks; compute in float32, cast at the end")
+def _(m):
+    _grad_check(m, "tiled_backward", True, blocks={"block_m": 8, "block_n": 5}, shapes=[(1, 2, 19, 27, 8)])
+    _grad_check(m, "tiled_backward", True, scale=0.3, shapes=[(1, 1, 21, 13, 8)])
+    _grad_check(m, "tiled_backward", True, dtypes=(torch.float16,), shapes=[(1, 2, 33, 40, 16)])
