@@ -358,20 +358,31 @@ def _resolve_dtype(dt) -> torch.dtype:
     return DTYPES[dt]
 
 
+# What an argument left out (None) means, on a GPU and on the CPU (interpreted kernels: toy sizes).
+DEFAULTS = {
+    "cuda": dict(providers=["flashcourse", "naive", "sdpa-flash", "sdpa-cudnn", "sdpa-efficient", "sdpa-math"],
+                 modes=["fwd", "bwd"], dtypes=["float16"], head_dims=[64, 128], causal=[False, True],
+                 seqlens=[512, 1024, 2048, 4096, 8192, 16384], tokens=16384, hidden=2048, warmup_ms=25, rep_ms=100),
+    "cpu": dict(providers=["flashcourse", "tiled", "naive", "sdpa-flash", "sdpa-math"],
+                modes=["fwd", "bwd"], dtypes=["float32"], head_dims=[32], causal=[False, True],
+                seqlens=[64, 128], tokens=128, hidden=64, warmup_ms=1, rep_ms=20),
+}
+
+
 def benchmark(
-    providers: Sequence[str] = ("flashcourse", "sdpa-flash", "sdpa-cudnn"),
-    modes: Sequence[str] = ("fwd",),
-    dtypes: Sequence = ("float16",),
-    head_dims: Sequence[int] = (64,),
-    causal: Sequence[bool] = (False, True),
-    seqlens: Sequence[int] = (1024, 2048, 4096, 8192, 16384),
+    providers: Optional[Sequence[str]] = None,
+    modes: Optional[Sequence[str]] = None,
+    dtypes: Optional[Sequence] = None,
+    head_dims: Optional[Sequence[int]] = None,
+    causal: Optional[Sequence[bool]] = None,
+    seqlens: Optional[Sequence[int]] = None,
     batch: Optional[int] = None,
     heads: Optional[int] = None,
-    tokens: int = 16384,
-    hidden: int = 2048,
+    tokens: Optional[int] = None,
+    hidden: Optional[int] = None,
     device=None,
-    warmup_ms: float = 25,
-    rep_ms: float = 100,
+    warmup_ms: Optional[float] = None,
+    rep_ms: Optional[float] = None,
     check: bool = True,
     tol: Optional[float] = None,
     slow_max_n: int = 4096,
@@ -383,7 +394,8 @@ def benchmark(
 ) -> List[Measurement]:
     """Time every provider × mode × dtype × head dim × causal × N; return one ``Measurement`` each.
 
-    ``batch``/``heads`` default to B = tokens // N and H = hidden // d. ``extra_providers`` adds
+    Arguments left out take ``DEFAULTS[device type]``. ``batch``/``heads`` default to B = tokens // N
+    and H = hidden // d (16k tokens and 2048 on a GPU, as in the FlashAttention papers). ``extra_providers`` adds
     providers ``f(q, k, v, causal) -> o`` by name (name them in ``providers`` too). ``tol`` overrides
     the relative-error limit of the check (``TOLERANCE`` by dtype). After ``time_budget_s`` seconds
     the remaining measurements are marked skipped (the budget includes precompiling).
@@ -391,22 +403,29 @@ def benchmark(
     processes (see ``precompile``). Inputs are random
     normal (never zeros), one set per shape, shared by all providers.
     """
+    device = torch.device(device if device is not None else ("cuda" if HAS_CUDA else "cpu"))
+    given = dict(providers=providers, modes=modes, dtypes=dtypes, head_dims=head_dims, causal=causal,
+                 seqlens=seqlens, tokens=tokens, hidden=hidden, warmup_ms=warmup_ms, rep_ms=rep_ms)
+    default = DEFAULTS["cuda" if device.type == "cuda" else "cpu"]
+    given = {key: default[key] if value is None else value for key, value in given.items()}
+    providers, modes, dtypes, head_dims, causal, seqlens = (
+        _as_list(given[key]) for key in ("providers", "modes", "dtypes", "head_dims", "causal", "seqlens"))
+    tokens, hidden, warmup_ms, rep_ms = given["tokens"], given["hidden"], given["warmup_ms"], given["rep_ms"]
     table = {**PROVIDERS, **(extra_providers or {})}
     unknown = [p for p in providers if p not in table]
     if unknown:
         raise ValueError(f"unknown provider(s) {unknown}; choose from {sorted(table)}")
-    bad_modes = [m for m in _as_list(modes) if m not in MODES]
+    bad_modes = [m for m in modes if m not in MODES]
     if bad_modes:
         raise ValueError(f"unknown mode(s) {bad_modes}; choose from {list(MODES)}")
-    device = torch.device(device if device is not None else ("cuda" if HAS_CUDA else "cpu"))
-    dtypes = [_resolve_dtype(dt) for dt in _as_list(dtypes)]
+    dtypes = [_resolve_dtype(dt) for dt in dtypes]
     shapes = []  # (dtype, d, causal, N, B, H)
     for dt in dtypes:
-        for d in _as_list(head_dims):
-            for c in _as_list(causal):
-                for N in _as_list(seqlens):
+        for d in head_dims:
+            for c in causal:
+                for N in seqlens:
                     B, H = default_batch_heads(N, d, tokens, hidden)
-                    shapes.append((dt, d, bool(c), N, batch or B, heads or H))
+                    shapes.append((dt, d, bool(c), N, B if batch is None else batch, H if heads is None else heads))
     t_start = time.perf_counter()
     if precompile_processes > 0 and "flashcourse" in providers:
         try:
@@ -416,13 +435,13 @@ def benchmark(
             problems = [f"all shapes ({type(exc).__name__}: {exc})"]
         for problem in problems:
             warnings.warn(f"flashcourse bench: precompiling failed for {problem} (the run will say why)")
-    total = len(shapes) * len(providers) * len(_as_list(modes))
+    total = len(shapes) * len(providers) * len(modes)
     bar = _progress_bar(total, progress)
     results = []
     for dtype, d, is_causal, N, B, H in shapes:
         out_of_time = time_budget_s is not None and time.perf_counter() - t_start > time_budget_s
         results += _bench_shape(
-            table, providers, _as_list(modes), dtype, B, H, N, d, is_causal, device, warmup_ms, rep_ms,
+            table, providers, modes, dtype, B, H, N, d, is_causal, device, warmup_ms, rep_ms,
             check, tol, slow_max_n, seed, bar, out_of_time,
         )
     bar.close()
@@ -748,8 +767,13 @@ def _parse_bool(text: str) -> List[bool]:
     return choices[text]
 
 
+def _default_help(key: str) -> str:
+    """'[GPU default / CPU default]' for the help text."""
+    show = lambda v: " ".join(map(str, v)) if isinstance(v, list) else str(v)  # noqa: E731
+    return f"[{show(DEFAULTS['cuda'][key])} / {show(DEFAULTS['cpu'][key])}]"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    gpu = HAS_CUDA
     p = argparse.ArgumentParser(
         prog="flashcourse bench",
         description="Time attention implementations side by side: ms, TFLOP/s, peak memory; each checked "
@@ -757,26 +781,22 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Examples:\n"
         "  flashcourse bench --providers flashcourse sdpa-flash sdpa-cudnn --modes fwd bwd --d 64 128\n"
         "  flashcourse bench --n 64 128 --batch 1 --heads 2 --d 32      (CPU: tiny sizes, interpreted kernels)\n"
-        "Defaults differ on a CPU-only machine (shown in brackets as GPU / CPU).",
+        "Defaults in brackets: [on a GPU / on a CPU-only machine].",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--providers", nargs="+", choices=list(PROVIDERS), metavar="P",
-                   default=["flashcourse", "naive", "sdpa-flash", "sdpa-cudnn", "sdpa-efficient", "sdpa-math"]
-                   if gpu else ["flashcourse", "tiled", "naive", "sdpa-flash", "sdpa-math"],
-                   help=f"any of {', '.join(PROVIDERS)} [all but tiled / flashcourse tiled naive sdpa-flash sdpa-math]")
-    p.add_argument("--modes", nargs="+", choices=MODES, default=["fwd", "bwd"], help="[fwd bwd]")
-    p.add_argument("--dtype", nargs="+", choices=list(DTYPES), default=["float16"] if gpu else ["float32"],
-                   help="[float16 / float32]")
-    p.add_argument("--d", nargs="+", type=int, default=[64, 128] if gpu else [32], help="head dims [64 128 / 32]")
-    p.add_argument("--causal", type=_parse_bool, default=[False, True], help="no, yes or both [both]")
-    p.add_argument("--n", nargs="+", type=int, default=[512, 1024, 2048, 4096, 8192, 16384] if gpu else [64, 128],
-                   help="sequence lengths [512 ... 16384 / 64 128]")
-    p.add_argument("--batch", type=int, default=None if gpu else 1, help="B [tokens // N / 1]")
-    p.add_argument("--heads", type=int, default=None if gpu else 2, help="H [hidden // d / 2]")
-    p.add_argument("--tokens", type=int, default=16384, help="B·N when --batch is not given [16384]")
-    p.add_argument("--hidden", type=int, default=2048, help="H·d when --heads is not given [2048]")
-    p.add_argument("--warmup", type=float, default=25 if gpu else 1, help="warm-up per timing, ms [25 / 1]")
-    p.add_argument("--rep", type=float, default=100 if gpu else 20, help="timed repetitions per timing, ms [100 / 20]")
+                   help=f"any of {', '.join(PROVIDERS)} {_default_help('providers')}")
+    p.add_argument("--modes", nargs="+", choices=MODES, help=_default_help("modes"))
+    p.add_argument("--dtype", nargs="+", choices=list(DTYPES), help=_default_help("dtypes"))
+    p.add_argument("--d", nargs="+", type=int, help="head dims " + _default_help("head_dims"))
+    p.add_argument("--causal", type=_parse_bool, help="no, yes or both [both]")
+    p.add_argument("--n", nargs="+", type=int, help="sequence lengths " + _default_help("seqlens"))
+    p.add_argument("--batch", type=int, help="B [tokens // N]")
+    p.add_argument("--heads", type=int, help="H [hidden // d]")
+    p.add_argument("--tokens", type=int, help="B·N when --batch is not given " + _default_help("tokens"))
+    p.add_argument("--hidden", type=int, help="H·d when --heads is not given " + _default_help("hidden"))
+    p.add_argument("--warmup", type=float, help="warm-up per timing, ms " + _default_help("warmup_ms"))
+    p.add_argument("--rep", type=float, help="timed repetitions per timing, ms " + _default_help("rep_ms"))
     p.add_argument("--no-check", action="store_true", help="time without checking against the reference")
     p.add_argument("--tol", type=float, default=None, help="relative-error limit of the check [by dtype]")
     p.add_argument("--slow-max-n", type=int, default=4096, help="largest N for the tiled provider [4096]")
@@ -794,8 +814,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run ``flashcourse bench``; exit status 1 when a provider failed its check or raised an error."""
     argv = list(sys.argv[1:] if argv is None else argv)
     a = build_parser().parse_args(argv)
-    for flag, values in (("--n", a.n), ("--d", a.d)):
-        if any(x < 1 for x in values):
+    for flag, values in (("--n", a.n), ("--d", a.d), ("--batch", [a.batch]), ("--heads", [a.heads])):
+        if any(x is not None and x < 1 for x in values or []):
             print(f"flashcourse bench: {flag} takes positive sizes, got {values}", file=sys.stderr)
             return 2
     results = benchmark(
@@ -805,7 +825,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         progress=not a.quiet,
     )
     print(format_results(results))
-    if "flashcourse" in a.providers:
+    if any(m.provider == "flashcourse" for m in results):
         print()
         print(format_ratios(ratio_table(results)))
     paths = save(results, a.out, a.name, command=shlex.join(["flashcourse", "bench", *argv]), plot_file=not a.no_plot)

@@ -103,9 +103,9 @@ def test_flashcourse_triton_kernels_checked_and_timed():
 
 
 def test_time_budget_and_slow_providers_are_skipped():
-    results = bench.benchmark(providers=["naive"], time_budget_s=0, **TINY)
+    results = bench.benchmark(providers=["naive"], modes=["fwd"], time_budget_s=0, **TINY)
     assert [m.status for m in results] == ["skipped", "skipped"] and "budget" in results[0].note
-    [m] = bench.benchmark(providers=["tiled"], slow_max_n=16, causal=[False], **TINY)
+    [m] = bench.benchmark(providers=["tiled"], modes=["fwd"], slow_max_n=16, causal=[False], **TINY)
     assert m.status == "skipped" and "slow" in m.note
 
 
@@ -169,6 +169,15 @@ def test_cli_writes_csv_json_png(tmp_path, capsys):
 def test_cli_rejects_bad_sizes(capsys):
     assert bench.main(["--n", "0", "--quiet"]) == 2
     assert "--n takes positive sizes" in capsys.readouterr().err
+    assert bench.main(["--batch", "-1", "--quiet"]) == 2
+    assert "--batch takes positive sizes" in capsys.readouterr().err
+
+
+def test_defaults_follow_the_device():
+    # on the CPU: toy sizes, B = 128 // N and H = 64 // d
+    [m] = bench.benchmark(providers=["naive"], modes=["fwd"], causal=[False], seqlens=[64], progress=False, rep_ms=0)
+    assert (m.dtype, m.d, m.B, m.H, m.N, m.status) == ("float32", 32, 2, 2, 64, "ok")
+    assert bench.DEFAULTS["cuda"]["tokens"] == 16384 and bench.DEFAULTS["cuda"]["hidden"] == 2048
 
 
 @pytest.mark.slow
