@@ -57,7 +57,6 @@ TOLERANCE = {torch.float16: 1e-2, torch.bfloat16: 3e-2, torch.float32: 5e-3, tor
 CHECK_ROWS = 512  # query rows of the correctness check (the last ones of the sequence)
 CHECK_HEADS = 2
 SLOW_PROVIDERS = ("tiled",)  # a Python loop over tiles: skipped above ``slow_max_n``
-STATUSES = ("ok", "failed", "oom", "skipped", "error")
 
 Provider = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, bool], torch.Tensor]
 
@@ -143,7 +142,11 @@ def io_bytes(B: int, H: int, N: int, d: int, dtype: torch.dtype, mode: str = "fw
 
 @dataclass
 class Measurement:
-    """One (provider, mode, shape) of a run. ``ms``, ``tflops`` and the memory fields are None unless timed."""
+    """One (provider, mode, shape) of a run. ``ms``, ``tflops`` and the memory fields are None unless timed.
+
+    ``status`` is ok, failed (wrong output or gradients), oom, skipped (cannot run here, or no time
+    left) or error (any other exception); ``note`` says why.
+    """
 
     provider: str
     mode: str
@@ -394,23 +397,18 @@ def benchmark(
 ) -> List[Measurement]:
     """Time every provider × mode × dtype × head dim × causal × N; return one ``Measurement`` each.
 
-    Arguments left out take ``DEFAULTS[device type]``. ``batch``/``heads`` default to B = tokens // N
-    and H = hidden // d (16k tokens and 2048 on a GPU, as in the FlashAttention papers). ``extra_providers`` adds
-    providers ``f(q, k, v, causal) -> o`` by name (name them in ``providers`` too). ``tol`` overrides
-    the relative-error limit of the check (``TOLERANCE`` by dtype). After ``time_budget_s`` seconds
-    the remaining measurements are marked skipped (the budget includes precompiling).
-    ``precompile_processes`` > 0 first compiles the Triton kernels of every shape in that many
-    processes (see ``precompile``). Inputs are random
+    Arguments left out take ``DEFAULTS[device type]``; ``batch`` and ``heads`` default to
+    B = tokens // N and H = hidden // d (16k tokens and 2048 on a GPU, as in the FlashAttention papers).
+    ``extra_providers`` adds providers ``f(q, k, v, causal) -> o`` by name (name them in ``providers``
+    too). ``tol`` overrides the check's limit (``TOLERANCE`` by dtype). After ``time_budget_s`` seconds,
+    precompiling included, the shapes not started are marked skipped. ``precompile_processes`` > 0
+    first compiles the Triton kernels in that many processes (see ``precompile``). Inputs are random
     normal (never zeros), one set per shape, shared by all providers.
     """
     device = torch.device(device if device is not None else ("cuda" if HAS_CUDA else "cpu"))
-    given = dict(providers=providers, modes=modes, dtypes=dtypes, head_dims=head_dims, causal=causal,
-                 seqlens=seqlens, tokens=tokens, hidden=hidden, warmup_ms=warmup_ms, rep_ms=rep_ms)
     default = DEFAULTS["cuda" if device.type == "cuda" else "cpu"]
-    given = {key: default[key] if value is None else value for key, value in given.items()}
-    providers, modes, dtypes, head_dims, causal, seqlens = (
-        _as_list(given[key]) for key in ("providers", "modes", "dtypes", "head_dims", "causal", "seqlens"))
-    tokens, hidden, warmup_ms, rep_ms = given["tokens"], given["hidden"], given["warmup_ms"], given["rep_ms"]
+    pick = lambda value, key: default[key] if value is None else value  # noqa: E731
+    providers, modes = _as_list(pick(providers, "providers")), _as_list(pick(modes, "modes"))
     table = {**PROVIDERS, **(extra_providers or {})}
     unknown = [p for p in providers if p not in table]
     if unknown:
@@ -418,14 +416,16 @@ def benchmark(
     bad_modes = [m for m in modes if m not in MODES]
     if bad_modes:
         raise ValueError(f"unknown mode(s) {bad_modes}; choose from {list(MODES)}")
-    dtypes = [_resolve_dtype(dt) for dt in dtypes]
     shapes = []  # (dtype, d, causal, N, B, H)
-    for dt in dtypes:
-        for d in head_dims:
-            for c in causal:
-                for N in seqlens:
-                    B, H = default_batch_heads(N, d, tokens, hidden)
-                    shapes.append((dt, d, bool(c), N, B if batch is None else batch, H if heads is None else heads))
+    for dtype in _as_list(pick(dtypes, "dtypes")):
+        for d in _as_list(pick(head_dims, "head_dims")):
+            for c in _as_list(pick(causal, "causal")):
+                for N in _as_list(pick(seqlens, "seqlens")):
+                    B, H = default_batch_heads(N, d, pick(tokens, "tokens"), pick(hidden, "hidden"))
+                    B, H = B if batch is None else batch, H if heads is None else heads
+                    shapes.append((_resolve_dtype(dtype), d, bool(c), N, B, H))
+    warmup_ms, rep_ms = pick(warmup_ms, "warmup_ms"), pick(rep_ms, "rep_ms")
+
     t_start = time.perf_counter()
     if precompile_processes > 0 and "flashcourse" in providers:
         try:
@@ -435,8 +435,7 @@ def benchmark(
             problems = [f"all shapes ({type(exc).__name__}: {exc})"]
         for problem in problems:
             warnings.warn(f"flashcourse bench: precompiling failed for {problem} (the run will say why)")
-    total = len(shapes) * len(providers) * len(modes)
-    bar = _progress_bar(total, progress)
+    bar = _progress_bar(len(shapes) * len(providers) * len(modes), progress)
     results = []
     for dtype, d, is_causal, N, B, H in shapes:
         out_of_time = time_budget_s is not None and time.perf_counter() - t_start > time_budget_s
