@@ -134,3 +134,13 @@ def test_multi_head_attention_errors():
     mha.backend = "cudnn"
     with pytest.raises(ValueError, match="unknown attention backend 'cudnn'"):
         mha(torch.randn(1, 17, 32))
+
+
+def test_multi_head_attention_compiles_without_a_graph_break():
+    torch.manual_seed(0)
+    mha = MultiHeadAttention(32, 2, num_kv_heads=1, causal=True)
+    x = torch.randn(2, 17, 32, requires_grad=True)
+    y = torch.compile(mha, backend="aot_eager", fullgraph=True)(x)
+    torch.testing.assert_close(y, mha(x))
+    y.sum().backward()
+    assert x.grad.abs().sum() > 0
