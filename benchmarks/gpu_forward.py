@@ -22,7 +22,7 @@ import torch.nn.functional as F
 import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from flashcourse.kernels import forward
+from flashcourse.kernels import configs
 from flashcourse.kernels.forward import _attn_fwd_tuned, attention_forward
 
 BACKENDS = {
@@ -53,13 +53,13 @@ def bench_one(dtype, d, causal, N, pointers=False, tokens=16384, width=2048):
                                 for c, t in getattr(_attn_fwd_tuned, "configs_timings", {}).items()}
     row["flashcourse_ms"] = time_ms(ours)
     if pointers:
-        forward.USE_TENSOR_DESCRIPTORS = False
+        configs.USE_TENSOR_DESCRIPTORS = False
         try:
             row["pointers_rel_err"] = ((ours()[0].float() - o.float()).norm() / o.float().norm()).item()
             row["pointers_config"] = str(_attn_fwd_tuned.best_config)
             row["pointers_tflops"] = tflops(B, H, N, d, causal, time_ms(ours))
         finally:
-            forward.USE_TENSOR_DESCRIPTORS = True
+            configs.USE_TENSOR_DESCRIPTORS = True
     for name, backend in BACKENDS.items():
         try:
             with sdpa_kernel(backend):

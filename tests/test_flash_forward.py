@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from flashcourse import INTERPRET, flash_attention, naive_attention
-from flashcourse.kernels import forward
+from flashcourse.kernels import configs
 from flashcourse.kernels.forward import attention_forward
 from tests.helpers import make_qkv, rel_err
 
@@ -69,7 +69,7 @@ def test_matches_float64_reference(Nq, Nk, d, causal, H, Hkv, dtype):
 @pytest.mark.parametrize("Nq, Nk, d, causal, H, Hkv, dtype", [GRID[4], GRID[8], GRID[11], GRID[14]])
 def test_pointer_loads_match_too(Nq, Nk, d, causal, H, Hkv, dtype, monkeypatch):
     """The grid above loads K_j, V_j through tensor descriptors; the masked-pointer path must agree."""
-    monkeypatch.setattr(forward, "USE_TENSOR_DESCRIPTORS", False)
+    monkeypatch.setattr(configs, "USE_TENSOR_DESCRIPTORS", False)
     q, k, v = make_qkv(B=1, H=H, Hkv=Hkv, Nq=Nq, Nk=Nk, d=d, dtype=dtype, seed=Nq + Nk + d)
     check_forward(q, k, v, causal=causal)
 
@@ -77,7 +77,7 @@ def test_pointer_loads_match_too(Nq, Nk, d, causal, H, Hkv, dtype, monkeypatch):
 def test_unaligned_rows_fall_back_to_pointers():
     """d = 20 in float16: rows of 40 bytes are not 16-byte aligned, so no descriptor can describe K."""
     q, k, v = make_qkv(B=1, H=2, Nq=33, Nk=33, d=20, dtype=torch.float16, seed=8)
-    assert not forward._tma_compatible(k)
+    assert not configs.tma_compatible(k)
     check_forward(q, k, v, causal=True)
 
 

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from flashcourse import flash_attention, naive_attention
 from flashcourse._checks import causal_mask
-from flashcourse.kernels import forward
+from flashcourse.kernels import configs
 from tests.helpers import rel_err
 from tests.test_flash_forward import check_forward
 
@@ -66,14 +66,14 @@ def test_gpu_matches_float64_and_sdpa(B, H, Hkv, Nq, Nk, d, causal, dtype):
 @pytest.mark.parametrize("B, H, Hkv, Nq, Nk, d, causal, dtype", [GRID[1], GRID[5], GRID[8], GRID[14]])
 def test_gpu_pointer_loads(B, H, Hkv, Nq, Nk, d, causal, dtype, monkeypatch):
     """K_j, V_j through masked pointer loads instead of tensor descriptors."""
-    monkeypatch.setattr(forward, "USE_TENSOR_DESCRIPTORS", False)
+    monkeypatch.setattr(configs, "USE_TENSOR_DESCRIPTORS", False)
     q, k, v = cuda_qkv(B, H, Hkv, Nq, Nk, d, dtype, seed=Nq + Nk + d)
     check_forward(q, k, v, causal=causal, tol=GPU_TOL, lse_atol=2e-2 if dtype == torch.float32 else 1e-3)
 
 
 def test_gpu_unaligned_rows_fall_back_to_pointers():
     q, k, v = cuda_qkv(1, 4, 2, 1000, 1000, 20, torch.float16, seed=4)
-    assert not forward._tma_compatible(k)
+    assert not configs.tma_compatible(k)
     check_forward(q, k, v, causal=True, tol=GPU_TOL)
 
 

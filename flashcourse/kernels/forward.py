@@ -21,7 +21,7 @@ import triton.language as tl
 
 from .._env import INTERPRET
 from .common import check_kernel_device, dot, load_tile, store_tile, upcast_dots
-from .configs import INTERPRET_BLOCK_M, INTERPRET_BLOCK_N, gpu_configs, length_bucket, prune_configs
+from .configs import INTERPRET_BLOCK_M, INTERPRET_BLOCK_N, gpu_configs, length_bucket, prune_configs, tma_compatible
 
 LOG2_E = 1.4426950408889634  # log2(e): exp(x) = 2^(x · log2 e)
 LN_2: tl.constexpr = tl.constexpr(0.6931471805599453)  # ln 2 = 1 / log2(e)
@@ -99,11 +99,15 @@ def _attn_fwd_kernel(
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_om, stride_od,
-    H, GROUP, Nq, Nk, qk_scale, N_BUCKET,
+    H, GROUP, Nq, Nk, qk_scale, N_BUCKET, TMA_OK,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
     USE_TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """O_i, L_i for one block of B_r = BLOCK_M query rows of one (batch, head). L is contiguous (B, H, Nq)."""
+    """O_i, L_i for one block of B_r = BLOCK_M query rows of one (batch, head). L is contiguous (B, H, Nq).
+
+    N_BUCKET and TMA_OK are read only by the autotuner (its key); USE_TMA loads K_j, V_j through
+    tensor descriptors, allowed when TMA_OK.
+    """
     pid_m = tl.program_id(0)
     if CAUSAL:
         # the last query blocks see the most keys: start them first so that the tail of the grid is short
@@ -173,19 +177,9 @@ def _attn_fwd_kernel(
 
 _attn_fwd_tuned = triton.autotune(
     configs=gpu_configs(),
-    key=["HEAD_DIM", "CAUSAL", "USE_TMA", "N_BUCKET"],
+    key=["HEAD_DIM", "CAUSAL", "TMA_OK", "N_BUCKET"],
     prune_configs_by={"early_config_prune": prune_configs},
 )(_attn_fwd_kernel)
-
-
-# Load K_j and V_j through tensor descriptors (the copy engine, TMA, on Hopper) where the layout allows
-USE_TENSOR_DESCRIPTORS = True
-
-
-def _tma_compatible(t: torch.Tensor) -> bool:
-    """A descriptor needs the last stride 1 and every other stride, and the start, 16-byte aligned."""
-    es = t.element_size()
-    return t.stride(-1) == 1 and all(s * es % 16 == 0 for s in t.stride()[:-1]) and t.data_ptr() % 16 == 0
 
 
 def _descriptor_scratch(size: int, alignment: int, stream):
@@ -218,23 +212,23 @@ def attention_forward(
         raise ValueError(f"head dim d = {d} is not supported by the Triton kernels (at most {MAX_HEAD_DIM})")
     o = torch.empty((B, H, Nq, d), dtype=q.dtype, device=q.device) if out is None else out
     lse = torch.empty((B, H, Nq), dtype=torch.float32, device=q.device)
+    # descriptor loads (USE_TMA) are possible only for aligned layouts; the autotuner also tries pointers
+    tma_ok = tma_compatible(k, v)
+    if tma_ok and not INTERPRET:
+        triton.set_allocator(_descriptor_scratch)
     args = (
         q, k, v, o, lse,
         *q.stride(), *k.stride(), *v.stride(), *o.stride(),
-        H, H // Hkv, Nq, Nk, scale * LOG2_E, length_bucket(max(Nq, Nk)),
+        H, H // Hkv, Nq, Nk, scale * LOG2_E, length_bucket(max(Nq, Nk)), tma_ok,
     )
-    use_tma = USE_TENSOR_DESCRIPTORS and _tma_compatible(k) and _tma_compatible(v)
-    if use_tma and not INTERPRET:
-        triton.set_allocator(_descriptor_scratch)
     meta = dict(
-        HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)), CAUSAL=bool(causal), UPCAST=upcast_dots(q.dtype),
-        USE_TMA=use_tma,
+        HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)), CAUSAL=bool(causal), UPCAST=upcast_dots(q.dtype)
     )
     if INTERPRET or block_m is not None or block_n is not None:
         block_m = block_m or INTERPRET_BLOCK_M
         block_n = block_n or INTERPRET_BLOCK_N
         grid = (triton.cdiv(Nq, block_m), B * H)
-        _attn_fwd_kernel[grid](*args, **meta, BLOCK_M=block_m, BLOCK_N=block_n)
+        _attn_fwd_kernel[grid](*args, **meta, BLOCK_M=block_m, BLOCK_N=block_n, USE_TMA=tma_ok)
     else:
         grid = lambda META: (triton.cdiv(Nq, META["BLOCK_M"]), B * H)  # noqa: E731
         _attn_fwd_tuned[grid](*args, **meta)
