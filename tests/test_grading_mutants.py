@@ -34,6 +34,17 @@ MUTANTS = [
      "L = lse.float()"),
     ("ch06_backward", "tiled_backward", "dK_j overwritten, not accumulated", "dK[:, :, j0 : j0 + block_n] += ",
      "dK[:, :, j0 : j0 + block_n] = "),
+    ("ch05_triton_forward", "attention_fwd_kernel", "accumulator not rescaled",
+     "acc = alpha[:, None] * acc + tl.dot", "acc = acc + tl.dot"),
+    ("ch05_triton_forward", "attention_fwd_kernel", "logsumexp left in base 2",
+     "(m_i + tl.math.log2(l_safe)) * LN_2", "(m_i + tl.math.log2(l_safe))"),
+    ("ch05_triton_forward", "attention_fwd_kernel", "causal mask off by one",
+     "visible & (offs_n[None, :] <= offs_m[:, None] + Nk - Nq)", "visible & (offs_n[None, :] < offs_m[:, None] + Nk - Nq)"),
+    ("ch07_triton_backward", "dkdv_kernel", "dK not scaled", "dk = dk * scale", "dk = dk"),
+    ("ch07_triton_backward", "dq_kernel", "dS without D", "ds = p * (tl.dot(do, tl.trans(v)) - D_i[:, None])",
+     "ds = p * tl.dot(do, tl.trans(v))"),
+    ("ch08_module", "MultiHeadAttention.forward", "causal flag dropped", ", causal=self.causal)", ")"),
+    ("ch08_module", "split_heads", "heads split without the transpose", ".transpose(1, 2)\n", ".reshape(B, num_heads, N, -1)\n"),
 ]
 
 

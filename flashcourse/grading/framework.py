@@ -165,7 +165,12 @@ TOLERANCE = {torch.float16: (5e-3, 1e-2), torch.bfloat16: (3e-2, 2e-2), torch.fl
              torch.float64: (1e-9, 1e-9)}
 
 
-def tolerance(dtype: torch.dtype) -> dict:
-    """{'atol': ..., 'rtol': ...} for results computed from inputs of this dtype."""
+def tolerance(dtype: torch.dtype, kernel: bool = False) -> dict:
+    """{'atol': ..., 'rtol': ...} for results computed from inputs of this dtype.
+
+    kernel: a Triton kernel's result; on a GPU its float32 tl.dot runs as TF32 (10-bit mantissa).
+    """
     atol, rtol = TOLERANCE[dtype]
+    if kernel and dtype == torch.float32 and torch.cuda.is_available():
+        atol, rtol = 5e-3, 5e-3
     return {"atol": atol, "rtol": rtol}

@@ -2,14 +2,16 @@
 
 import html
 import json
-from itertools import groupby
 from pathlib import Path
 
 
 def _exercises(results):
-    """(chapter, exercise, results of its checks) in the order the checks ran."""
-    for (chapter, exercise), group in groupby(results, key=lambda r: (r.chapter, r.exercise)):
-        yield chapter, exercise, list(group)
+    """(chapter, exercise, results of its checks), exercises in the order of their first check."""
+    groups = {}
+    for r in results:
+        groups.setdefault((r.chapter, r.exercise), []).append(r)
+    for (chapter, exercise), checks in groups.items():
+        yield chapter, exercise, checks
 
 
 def total(results) -> tuple:

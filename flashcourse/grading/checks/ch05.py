@@ -1,0 +1,48 @@
+"""Chapter 05: the Triton forward kernel, O and L, against flashcourse's float64 reference."""
+
+import torch
+
+from ..framework import ChapterChecks, expect
+from ._common import attention_cases, device, expect_lse, expect_output, oracle
+
+CHECKS = ChapterChecks("ch05")
+# (B, H, Nq, Nk, d): one query, lengths not multiples of the blocks, Nq != Nk both ways; d in 16, 32
+SHAPES = [(1, 1, 1, 1, 16), (1, 2, 37, 37, 16), (1, 1, 21, 50, 32), (2, 1, 40, 18, 16)]
+
+
+def _check(m, *, output=True, lse=False, blocks=None, **cases):
+    blocks = blocks or {}
+    for case, q, k, v, causal in attention_cases(on=device(), **{"shapes": SHAPES, **cases}):
+        case += "".join(f" {name}={b}" for name, b in blocks.items())
+        out = m.flash_attention_forward(q, k, v, causal=causal, **blocks)
+        expect(isinstance(out, tuple) and len(out) == 2, f"flash_attention_forward must return (O, L) [{case}]")
+        want_O, want_L = oracle(q, k, v, causal)
+        if output:
+            expect_output("O of the kernel vs flashcourse (float64)", out[0], want_O, q.dtype, case, kernel=True)
+        if lse:
+            expect_lse("L of the kernel vs flashcourse (float64)", out[1], want_L, q.dtype, case, kernel=True)
+
+
+@CHECKS.add("attention_fwd_kernel", "O, not causal, ragged lengths", points=3,
+            hint="mask keys past Nk with −inf before the row max; rescale acc by α before adding P̃ V_j; divide by l_i at the end")
+def _(m):
+    _check(m, causal_options=(False,))
+
+
+@CHECKS.add("attention_fwd_kernel", "O, causal (Nq == Nk, Nq < Nk, Nq > Nk)", points=3,
+            hint="visible iff offs_n[None, :] <= offs_m[:, None] + Nk − Nq; a row with no visible key must give 0, not NaN")
+def _(m):
+    _check(m, causal_options=(True,))
+
+
+@CHECKS.add("attention_fwd_kernel", "L = logsumexp (natural log)", points=2,
+            hint="m_i and the scores are in base 2: L_i = (m_i + log2 l_i) · ln 2; store it under the mask offs_m < Nq")
+def _(m):
+    _check(m, output=False, lse=True)
+
+
+@CHECKS.add("attention_fwd_kernel", "float16, and other block sizes",
+            hint="tl.dot(p.to(v.dtype), v) feeds float16 to the dot; keep m_i, l_i and acc in float32; use BLOCK_M/BLOCK_N as given")
+def _(m):
+    _check(m, lse=True, dtypes=(torch.float16,), shapes=[(1, 2, 33, 40, 16)])
+    _check(m, lse=True, blocks={"BLOCK_M": 32, "BLOCK_N": 16}, shapes=[(1, 1, 45, 29, 16)])

@@ -1,0 +1,64 @@
+"""Chapter 07: the Triton dK/dV and dQ kernels, against flashcourse.naive_attention_backward in float64."""
+
+import torch
+
+from ..framework import ChapterChecks, expect, expect_close, tolerance
+from ._common import attention_cases, backward_case, device
+from .ch05 import SHAPES
+
+CHECKS = ChapterChecks("ch07")
+
+
+def _check(m, which: str, blocks=None, **cases):
+    """which: 'dkdv' compares (dk, dv) of backward_dkdv, 'dq' the dq of backward_dq."""
+    blocks = blocks or {}
+    for case, q, k, v, causal in attention_cases(on=device(), **{"shapes": SHAPES, **cases}):
+        o, lse, do, (dq, dk, dv) = backward_case(q, k, v, causal)
+        case += "".join(f" {name}={b}" for name, b in blocks.items())
+        if which == "dkdv":
+            got = m.backward_dkdv(q, k, v, o, lse, do, causal=causal, **blocks)
+            expect(isinstance(got, tuple) and len(got) == 2, f"backward_dkdv must return (dk, dv) [{case}]")
+            pairs = [("dk", got[0], dk), ("dv", got[1], dv)]
+        else:
+            pairs = [("dq", m.backward_dq(q, k, v, o, lse, do, causal=causal, **blocks), dq)]
+        for name, g, w in pairs:
+            expect_close(f"{name} of the kernel vs flashcourse.naive_attention_backward", g, w, case=case,
+                         dtype=q.dtype, **tolerance(q.dtype, kernel=True))
+
+
+@CHECKS.add("dkdv_kernel", "not causal, ragged lengths", points=3,
+            hint="dV_j += P_ijᵀ dO_i and dK_j += dS_ijᵀ Q_i over every query block; hide query rows past Nq; scale dK once at the end")
+def _(m):
+    _check(m, "dkdv", causal_options=(False,))
+
+
+@CHECKS.add("dkdv_kernel", "causal (Nq == Nk, Nq < Nk, Nq > Nk)", points=2,
+            hint="in the transposed tile, visible iff offs_n[:, None] <= offs_m[None, :] + Nk − Nq; use tl.where, not a product")
+def _(m):
+    _check(m, "dkdv", causal_options=(True,))
+
+
+@CHECKS.add("dq_kernel", "not causal, ragged lengths", points=3,
+            hint="dQ_i += dS_ij K_j over every key block, keys past Nk hidden; dS_ij = P_ij ∘ (dO_i V_jᵀ − D_i)")
+def _(m):
+    _check(m, "dq", causal_options=(False,))
+
+
+@CHECKS.add("dq_kernel", "causal (Nq == Nk, Nq < Nk, Nq > Nk)", points=2,
+            hint="visible iff offs_n[None, :] <= offs_m[:, None] + Nk − Nq; P_ij = 0 where hidden, even where L_i = −inf")
+def _(m):
+    _check(m, "dq", causal_options=(True,))
+
+
+@CHECKS.add("dkdv_kernel", "float16, other block sizes",
+            hint="cast P and dS to the inputs' dtype before tl.dot; use BLOCK_M/BLOCK_N as given")
+def _(m):
+    _check(m, "dkdv", dtypes=(torch.float16,), shapes=[(1, 2, 33, 40, 16)])
+    _check(m, "dkdv", blocks={"BLOCK_M": 32, "BLOCK_N": 16}, shapes=[(1, 1, 45, 29, 16)])
+
+
+@CHECKS.add("dq_kernel", "float16, other block sizes",
+            hint="cast dS to k's dtype before tl.dot; use BLOCK_M/BLOCK_N as given")
+def _(m):
+    _check(m, "dq", dtypes=(torch.float16,), shapes=[(1, 2, 33, 40, 16)])
+    _check(m, "dq", blocks={"BLOCK_M": 32, "BLOCK_N": 16}, shapes=[(1, 1, 45, 29, 16)])
