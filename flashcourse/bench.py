@@ -453,7 +453,9 @@ def precompile(shapes, with_backward: bool, processes: int, device) -> List[str]
     Triton compiles each autotuning candidate on first use, one after another: dozens of kernels for a
     grid of dtypes, head dims and causal flags. Running one (dtype, d, causal) group per process fills
     Triton's on-disk cache in parallel; the timing process then loads the compiled kernels (and
-    autotunes, which is quick) instead of compiling them. Returns the groups that raised.
+    autotunes, which is quick) instead of compiling them. Triton specialises a kernel on its integer
+    arguments being 1 or multiples of 16, so each group runs the smallest sizes with the same
+    specialisations as its shapes. Returns the groups that raised.
     """
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
@@ -461,7 +463,11 @@ def precompile(shapes, with_backward: bool, processes: int, device) -> List[str]
     groups: Dict[tuple, list] = {}
     for dtype, d, causal, N, B, H in shapes:
         groups.setdefault((_dtype_name(dtype), d, causal), []).append((B, H, N))
-    jobs = [(*key, sizes, with_backward, str(device)) for key, sizes in groups.items()]
+    jobs = []
+    for key, sizes in groups.items():
+        # the same specialisation as (B, H, N): B = 1 or 2, the smallest N with the same N % 16 == 0
+        small = {(min(B, 2), H, min(n for _, _, n in sizes if (n % 16 == 0) == (N % 16 == 0))) for B, H, N in sizes}
+        jobs.append((*key, sorted(small), with_backward, str(device)))
     context = multiprocessing.get_context("spawn")  # a fresh CUDA context per process
     with ProcessPoolExecutor(min(processes, len(jobs)), mp_context=context) as pool:
         return [problem for problem in pool.map(_compile_group, jobs) if problem]
