@@ -55,3 +55,17 @@ def expect_grads(what: str, got, want, inputs, case: str, kernel: bool = False) 
     for name, g, w, x in zip(("dq", "dk", "dv"), got, want, inputs):
         expect_close(f"{name} of {what} vs flashcourse.naive_attention_backward", g, w, case=case, dtype=x.dtype,
                      **tolerance(x.dtype, kernel))
+
+
+def check_forward(forward, what: str, *, output=True, lse=False, blocks=None, kernel=False, **cases) -> None:
+    """forward(q, k, v, causal=..., **blocks) must return (O, L) close to the float64 oracle on every case."""
+    blocks = blocks or {}
+    for case, q, k, v, causal in attention_cases(on=device() if kernel else "cpu", **cases):
+        case += "".join(f" {name}={b}" for name, b in blocks.items())
+        out = forward(q, k, v, causal=causal, **blocks)
+        expect(isinstance(out, tuple) and len(out) == 2, f"{what} must return a tuple (O, L), got {type(out).__name__} [{case}]")
+        want_O, want_L = oracle(q, k, v, causal)
+        if output:
+            expect_output(f"O of {what} vs flashcourse (float64)", out[0], want_O, q.dtype, case, kernel)
+        if lse:
+            expect_lse(f"L (logsumexp) of {what} vs flashcourse (float64)", out[1], want_L, q.dtype, case, kernel)

@@ -2,29 +2,14 @@
 
 import torch
 
-from ..framework import ChapterChecks, expect
-from ._common import attention_cases, expect_lse, expect_output, oracle
+from ..framework import ChapterChecks
+from ._common import check_forward
 
 CHECKS = ChapterChecks("ch03")
 
 
-def _forward(m, q, k, v, causal, case, **blocks):
-    out = m.tiled_attention_forward(q, k, v, causal=causal, **blocks)
-    expect(isinstance(out, tuple) and len(out) == 2,
-           f"tiled_attention_forward must return a tuple (O, L), got {type(out).__name__} [{case}]")
-    return out
-
-
-def _check(m, *, output=True, lse=False, blocks=None, **cases):
-    blocks = blocks or {}
-    for case, q, k, v, causal in attention_cases(**cases):
-        case += "".join(f" {name}={b}" for name, b in blocks.items())
-        O, L = _forward(m, q, k, v, causal, case, **blocks)
-        want_O, want_L = oracle(q, k, v, causal)
-        if output:
-            expect_output("O vs flashcourse.tiled_attention_forward", O, want_O, q.dtype, case)
-        if lse:
-            expect_lse("L (logsumexp) vs flashcourse.tiled_attention_forward", L, want_L, q.dtype, case)
+def _check(m, **kwargs):
+    check_forward(m.tiled_attention_forward, "tiled_attention_forward", **kwargs)
 
 
 @CHECKS.add("tiled_attention_forward", "O, not causal, lengths not multiples of the blocks", points=2,

@@ -2,25 +2,16 @@
 
 import torch
 
-from ..framework import ChapterChecks, expect
-from ._common import attention_cases, device, expect_lse, expect_output, oracle
+from ..framework import ChapterChecks
+from ._common import check_forward
 
 CHECKS = ChapterChecks("ch05")
 # (B, H, Nq, Nk, d): one query, lengths not multiples of the blocks, Nq != Nk both ways; d in 16, 32
 SHAPES = [(1, 1, 1, 1, 16), (1, 2, 37, 37, 16), (1, 1, 21, 50, 32), (2, 1, 40, 18, 16)]
 
 
-def _check(m, *, output=True, lse=False, blocks=None, **cases):
-    blocks = blocks or {}
-    for case, q, k, v, causal in attention_cases(on=device(), **{"shapes": SHAPES, **cases}):
-        case += "".join(f" {name}={b}" for name, b in blocks.items())
-        out = m.flash_attention_forward(q, k, v, causal=causal, **blocks)
-        expect(isinstance(out, tuple) and len(out) == 2, f"flash_attention_forward must return (O, L) [{case}]")
-        want_O, want_L = oracle(q, k, v, causal)
-        if output:
-            expect_output("O of the kernel vs flashcourse (float64)", out[0], want_O, q.dtype, case, kernel=True)
-        if lse:
-            expect_lse("L of the kernel vs flashcourse (float64)", out[1], want_L, q.dtype, case, kernel=True)
+def _check(m, **kwargs):
+    check_forward(m.flash_attention_forward, "flash_attention_forward", kernel=True, **{"shapes": SHAPES, **kwargs})
 
 
 @CHECKS.add("attention_fwd_kernel", "O, not causal, ragged lengths", points=3,
