@@ -76,7 +76,8 @@ def naive_oom_search(plan, common, deadline):
     return results, first_oom
 
 
-def format_long(rows, first_oom, plan):
+def format_long(rows, naive, first_oom):
+    """The long-context table, then where naive attention ran out of memory (from its measurements)."""
     lines = [
         f"| provider | N | status | ms | TFLOP/s | peak MiB | q,k,v,o,dO,dq,dk,dv MiB | peak / those | under {MEMORY_LIMIT}x |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -87,11 +88,10 @@ def format_long(rows, first_oom, plan):
             f"| {r['provider']} | {r['N']} | {r['status']} | {bench.fmt_value(r['ms'], '.1f')} | {bench.fmt_value(r['tflops'], '.1f')} "
             f"| {bench.fmt_value(r['peak_mib'], '.0f')} | {r['io_mib']:.4g} | {bench.fmt_value(r['peak_over_io'], '.3f')} | {under} |"
         )
-    tried = plan["naive_seqlens"]
     for mode in ("fwd", "fwd+bwd"):
-        where = f"runs out of memory at N = {first_oom[mode]}" if mode in first_oom else \
-            f"did not run out of memory up to the N tried ({', '.join(map(str, tried))})"
-        lines.append(f"\nnaive attention, {mode}, on that shape: {where}")
+        ran = [m.N for m in naive if m.mode == mode and m.status == "ok"]
+        where = f"runs out of memory at N = {first_oom[mode]}" if mode in first_oom else "did not run out of memory"
+        lines.append(f"\nnaive attention, {mode}, on that shape: {where} (ran at N = {', '.join(map(str, ran)) or 'none'})")
     return "\n".join(lines)
 
 
@@ -139,11 +139,13 @@ def main(argv=None) -> int:
     extra["naive_first_oom_N"] = first_oom
     record("naive search")
 
-    long_text = format_long(extra["long_context"], first_oom, plan)
+    long_text = format_long(extra["long_context"], naive, first_oom)
     ratios = bench.format_ratios(bench.ratio_table(results))
+    lc = plan["long"]
+    shape = f"B={lc['batch']}, H={lc['heads']}, d={lc['head_dims'][0]}"
     summary = (
         f"# flashcourse bench on {bench.provenance(command)['device']}\n\n"
-        f"## Long context (fwd+bwd, causal, B=1)\n\n{long_text}\n\n"
+        f"## Long context (fwd+bwd, causal, {plan['long']['dtypes'][0]}, {shape})\n\n{long_text}\n\n"
         f"## flashcourse TFLOP/s and its ratio to each SDPA backend (same run)\n\n{ratios}\n"
     )
     Path(a.out, "summary.md").write_text(summary)
