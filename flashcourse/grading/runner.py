@@ -13,9 +13,12 @@ import hashlib
 import importlib
 import importlib.util
 import io
-import multiprocessing
 import os
+import pickle
+import queue
+import subprocess
 import sys
+import threading
 import time
 import traceback
 from dataclasses import asdict, dataclass
@@ -35,7 +38,7 @@ class TargetError(Exception):
 
 @dataclass
 class Result:
-    """The outcome of one check. status: passed | failed | not implemented | timed out | error."""
+    """The outcome of one check. status: passed | failed | not implemented | timed out | error | not run."""
 
     chapter: str
     exercise: str
@@ -125,8 +128,9 @@ def run_check(target: Path, check: Check) -> Result:
             except FileNotFoundError as e:
                 raise CheckFailed(str(e)) from None
             except Exception as e:
+                why = e.msg if isinstance(e, SyntaxError) else e
                 raise CheckFailed(f"could not import {CHAPTERS[check.chapter]}.py: "
-                                  f"{type(e).__name__}: {e}{_where(e, target)}") from None
+                                  f"{type(e).__name__}: {why}{_where(e, target)}") from None
             check.run(module)
         result.earned = check.points
     except CheckFailed as e:
@@ -142,60 +146,97 @@ def run_check(target: Path, check: Check) -> Result:
     return result
 
 
-def _serve(conn) -> None:
-    """The worker: import the package, then answer (target, chapter, index) with a Result."""
+def serve() -> None:
+    """The worker (``python -m flashcourse.grading.runner``): answer pickled (target, chapter, index)
+    on stdin with a pickled Result on stdout. Anything else written to the fds 1 and 2 (the learner's
+    code, Triton, C++) goes to /dev/null, never into the protocol or the parent's terminal."""
+    replies = os.fdopen(os.dup(1), "wb")
     devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 1)  # native code's prints (Triton, C++) must not reach the parent's terminal
+    os.dup2(devnull, 1)
     os.dup2(devnull, 2)
+    tasks = sys.stdin.buffer
+    sys.stdin = open(os.devnull)  # input() in learner code gets EOF instead of waiting forever
     import flashcourse  # noqa: F401  (switches Triton's interpreter on before anything imports triton)
 
-    conn.send("ready")
+    def send(message) -> None:
+        pickle.dump(message, replies)
+        replies.flush()
+
+    send("ready")
     while True:
         try:
-            target, chapter, index = conn.recv()
+            target, chapter, index = pickle.load(tasks)
         except EOFError:
             return
-        conn.send(run_check(Path(target), chapter_checks(chapter)[index]))
+        send(run_check(Path(target), chapter_checks(chapter)[index]))
 
 
 class Worker:
-    """A child process that runs checks; killed and replaced when a check overruns its time limit."""
+    """A child Python process that runs checks; killed and replaced when a check overruns its time limit.
+
+    A plain subprocess (not multiprocessing), so that grading from a learner's script never re-runs
+    that script in the child.
+    """
 
     START_TIMEOUT = 300.0
 
     def __init__(self):
         self.process = None
-        self.conn = None
+        self.replies = None
 
     def _start(self) -> None:
-        ctx = multiprocessing.get_context("spawn")
-        self.conn, child = ctx.Pipe()
-        self.process = ctx.Process(target=_serve, args=(child,), daemon=True)
-        self.process.start()
-        child.close()
-        if not self.conn.poll(self.START_TIMEOUT) or self.conn.recv() != "ready":
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+        self.process = subprocess.Popen([sys.executable, "-m", "flashcourse.grading.runner"], stdin=subprocess.PIPE,
+                                        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env)
+        self.replies = queue.Queue()
+        threading.Thread(target=self._read, args=(self.process.stdout, self.replies), daemon=True).start()
+        if self._reply(self.START_TIMEOUT) != "ready":
             self.stop()
-            raise TargetError("the grading worker process did not start")
+            raise TargetError("the grading worker process did not start: run `flashcourse doctor`")
+
+    @staticmethod
+    def _read(stream, replies) -> None:
+        try:
+            while True:
+                replies.put(pickle.load(stream))
+        except Exception:  # EOF: the worker died or was killed
+            replies.put(None)
+
+    def _reply(self, timeout: float):
+        """The next message of the worker; TimeoutError after ``timeout`` s, None when it died."""
+        try:
+            return self.replies.get(timeout=timeout)
+        except queue.Empty:
+            raise TimeoutError from None
 
     def stop(self) -> None:
         if self.process is not None:
             self.process.kill()
-            self.process.join()
-            self.conn.close()
-        self.process = self.conn = None
+            self.process.wait()
+            self.process.stdin.close()
+            self.process.stdout.close()
+        self.process = self.replies = None
 
     def run(self, target: Path, check: Check, index: int, timeout: float) -> Result:
         if self.process is None:
             self._start()
         start = time.perf_counter()
-        self.conn.send((str(target), check.chapter, index))
         try:
-            if self.conn.poll(timeout):
-                return self.conn.recv()
-            status, message = "timed out", (f"no result within the time limit of {timeout:g} s: an endless loop, or a "
-                                             f"loop whose end is never reached?")
-        except (EOFError, OSError):
-            status, message = "error", f"the worker process died (exit code {self.process.exitcode}) during this check"
+            pickle.dump((str(target), check.chapter, index), self.process.stdin)
+            self.process.stdin.flush()
+            reply = self._reply(timeout)
+        except TimeoutError:
+            reply = "timed out"
+        except OSError:  # the pipe broke: the worker is gone
+            reply = None
+        if isinstance(reply, Result):
+            return reply
+        if reply == "timed out":
+            status = "timed out"
+            message = f"no result within the time limit of {timeout:g} s: an endless loop, or a loop whose end is never reached?"
+        else:
+            status = "error"
+            message = f"the worker process died (exit code {self.process.wait()}) during this check: a crash in native code?"
         self.stop()
         return Result(check.chapter, check.exercise, check.name, check.points, 0, status, message, check.hint,
                       seconds=time.perf_counter() - start)
@@ -216,20 +257,20 @@ def grade(chapters: Optional[Iterable] = None, target=None, *, isolate: bool = T
     results = []
     try:
         for chapter, checks in plan.items():
-            hung = set()  # exercises that overran a time limit: their other checks would too
+            hung = {}  # exercise -> why: it overran a time limit or killed the worker; its other checks would too
             for index, check in enumerate(checks):
                 if keep is not None and check.exercise not in keep:
                     continue
                 if check.exercise in hung:
-                    results.append(Result(check.chapter, check.exercise, check.name, check.points, 0, "timed out",
-                                          "not run: an earlier check of this exercise timed out", check.hint))
+                    results.append(Result(check.chapter, check.exercise, check.name, check.points, 0, "not run",
+                                          hung[check.exercise], check.hint))
                 elif worker is None:
                     results.append(run_check(folder, check))
                 else:
                     limit = timeout or check.timeout or DEFAULT_TIMEOUT
                     results.append(worker.run(folder, check, index, limit))
-                    if results[-1].status == "timed out":
-                        hung.add(check.exercise)
+                    if results[-1].status in ("timed out", "error"):
+                        hung[check.exercise] = f"not run: an earlier check of this exercise {results[-1].status}"
     finally:
         if worker is not None:
             worker.stop()
@@ -238,3 +279,10 @@ def grade(chapters: Optional[Iterable] = None, target=None, *, isolate: bool = T
 
 def as_dicts(results: list) -> list:
     return [asdict(r) for r in results]
+
+
+if __name__ == "__main__":
+    # serve through the imported module, so that the Results pickle as flashcourse.grading.runner.Result
+    from flashcourse.grading.runner import serve as serve_imported
+
+    serve_imported()
