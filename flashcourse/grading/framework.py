@@ -115,7 +115,7 @@ def expect_close(what: str, got, want: torch.Tensor, *, atol: float, rtol: float
     bad_inf = torch.isinf(w) & (g != w)
     if torch.isnan(g).any() or bad_inf.any():
         idx = tuple(torch.nonzero(torch.isnan(g) | bad_inf)[0].tolist())
-        raise CheckFailed(f"{what}{where}: got {g[idx].item()} at {list(idx)} where the oracle has {w[idx].item()}, "
+        raise CheckFailed(f"{what}{where}: got {g[idx].item()} at {list(idx)}, want {w[idx].item()}, "
                           f"shape {tuple(want.shape)}")
     finite = torch.isfinite(w)
     err = torch.where(finite, (g - w).abs(), 0.0)
@@ -125,8 +125,8 @@ def expect_close(what: str, got, want: torch.Tensor, *, atol: float, rtol: float
     if (excess > 0).any():
         idx = tuple(int(i) for i in torch.unravel_index(err.argmax(), err.shape)) if err.dim() else ()
         raise CheckFailed(f"{what}{where}: max abs error {err.max().item():.3g} at {list(idx)} "
-                          f"(got {g[idx].item():.5g}, expected {w[idx].item():.5g}; tol {atol:g}"
-                          f"{f' + {rtol:g}·|expected|' if rtol else ''}), shape {tuple(want.shape)}")
+                          f"(got {g[idx].item():.4g}, want {w[idx].item():.4g}; tol {atol:.0e}"
+                          f"{f'+{rtol:.0e}·|want|' if rtol else ''}), shape {tuple(want.shape)}")
 
 
 def expect(condition: bool, message: str) -> None:

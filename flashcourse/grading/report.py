@@ -26,6 +26,8 @@ def _summary(checks) -> tuple:
         return "ok", [], ""
     if all(r.status == "not implemented" for r in missed):
         return missed[0].message, [], ""
+    if len(missed) == len(checks) and len({r.message for r in missed}) == 1:  # e.g. the file does not import
+        return missed[0].message, [], missed[0].hint
     missed = [r for r in missed if r.status != "not implemented"]
     lines = [f"✗ {r.name}: {r.message}" if r.status == "failed" else f"✗ {r.name}: {r.status}: {r.message}"
              for r in missed]

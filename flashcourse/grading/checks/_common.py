@@ -53,7 +53,7 @@ def expect_grads(what: str, got, want, inputs, case: str, kernel: bool = False) 
     """got = (dq, dk, dv) shaped and typed like (q, k, v) and close to the float64 gradients."""
     expect(isinstance(got, tuple) and len(got) == 3, f"{what} must return a tuple (dq, dk, dv), got {type(got).__name__} [{case}]")
     for name, g, w, x in zip(("dq", "dk", "dv"), got, want, inputs):
-        expect_close(f"{name} of {what} vs flashcourse.naive_attention_backward", g, w, case=case, dtype=x.dtype,
+        expect_close(f"{name} vs flashcourse.naive_attention_backward", g, w, case=case, dtype=x.dtype,
                      **tolerance(x.dtype, kernel))
 
 
@@ -66,6 +66,6 @@ def check_forward(forward, what: str, *, output=True, lse=False, blocks=None, ke
         expect(isinstance(out, tuple) and len(out) == 2, f"{what} must return a tuple (O, L), got {type(out).__name__} [{case}]")
         want_O, want_L = oracle(q, k, v, causal)
         if output:
-            expect_output(f"O of {what} vs flashcourse (float64)", out[0], want_O, q.dtype, case, kernel)
+            expect_output("O vs flashcourse", out[0], want_O, q.dtype, case, kernel)
         if lse:
-            expect_lse(f"L (logsumexp) of {what} vs flashcourse (float64)", out[1], want_L, q.dtype, case, kernel)
+            expect_lse("L vs flashcourse", out[1], want_L, q.dtype, case, kernel)

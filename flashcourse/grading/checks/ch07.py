@@ -22,7 +22,7 @@ def _check(m, which: str, blocks=None, **cases):
         else:
             pairs = [("dq", m.backward_dq(q, k, v, o, lse, do, causal=causal, **blocks), dq)]
         for name, g, w in pairs:
-            expect_close(f"{name} of the kernel vs flashcourse.naive_attention_backward", g, w, case=case,
+            expect_close(f"{name} vs flashcourse.naive_attention_backward", g, w, case=case,
                          dtype=q.dtype, **tolerance(q.dtype, kernel=True))
 
 
