@@ -393,3 +393,39 @@ def plot_io(Ns: Sequence[int], d: int, M: int, blocks: Sequence[int], *, N_fixed
     a1.legend(fontsize=8)
     fig.tight_layout()
     return fig
+
+
+# ----------------------------------------------------------------------------------------------------
+# Chapter 09: the roofline
+# ----------------------------------------------------------------------------------------------------
+
+
+def plot_roofline(peak_tflops: float, bandwidth_tbs: float, points: Dict[str, tuple], *, device: str = "GPU"):
+    """The roofline: attainable TFLOP/s = min(peak, intensity × bandwidth), against FLOPs per HBM byte.
+
+    ``points`` maps a label to (arithmetic intensity in FLOP/byte, measured TFLOP/s or None); a point
+    without a measurement is drawn on the roof, where that intensity would at best take it.
+    """
+    ridge = peak_tflops / bandwidth_tbs  # FLOP/byte where the two roofs meet
+    fig, ax = plt.subplots(figsize=(8, 5))
+    lo = min([0.5] + [p[0] / 2 for p in points.values()])
+    hi = max([ridge * 20] + [p[0] * 2 for p in points.values()])
+    xs = torch.logspace(math.log10(lo), math.log10(hi), 200)
+    ax.plot(xs.tolist(), torch.clamp(xs * bandwidth_tbs, max=peak_tflops).tolist(), "k-", lw=2)
+    ax.axvline(ridge, color="gray", ls=":")
+    ax.text(ridge * 1.08, peak_tflops * 0.012, f"ridge: {ridge:.0f} FLOP/byte", color="gray", fontsize=8, rotation=90)
+    ax.text(lo * 1.2, peak_tflops * 1.12, f"compute roof {peak_tflops:.0f} TFLOP/s", fontsize=8)
+    ax.text(lo * 1.2, lo * 1.2 * bandwidth_tbs * 1.5, f"memory roof {bandwidth_tbs:.2f} TB/s", fontsize=8, rotation=28)
+    for i, (label, (intensity, measured)) in enumerate(points.items()):
+        roof = min(peak_tflops, intensity * bandwidth_tbs)
+        y = roof if measured is None else measured
+        ax.plot([intensity], [y], "o" if measured is None else "*", markersize=8 if measured is None else 13,
+                color=f"C{i % 10}", label=f"{label}: {intensity:.3g} FLOP/B" + ("" if measured is None else f", {measured:.0f} TFLOP/s"))
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_ylim(peak_tflops * 1e-3, peak_tflops * 2)
+    _style(ax, "arithmetic intensity (FLOPs per byte of HBM traffic)", "attainable throughput (TFLOP/s)",
+           f"Roofline of {device}")
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    return fig

@@ -105,6 +105,7 @@ def test_figures_have_labelled_axes():
         viz.plot_io([256, 512, 1024], d=64, M=25600, blocks=[16, 32, 64], N_fixed=1024),
         viz.plot_matrices({"S": torch.randn(5, 7), "P": torch.softmax(torch.randn(5, 7), -1)}),
         viz.plot_memory_scaling([128, 256, 512], {"naive": [1e5, 4e5, 1.6e6]}, limits={"GPU": 1e9}, extrapolate_to=2**16),
+        viz.plot_roofline(989.0, 3.35, {"softmax": (1.25, None), "measured": (512.0, 400.0)}),
     ]
     assert all(_labelled(f) for f in figs)
 
