@@ -12,6 +12,7 @@ import pytest
 from flashcourse.grading import CHAPTERS, check, grade
 from flashcourse.grading.cli import main as grade_cli
 from flashcourse.grading.make_exercises import generate
+from flashcourse.grading.make_exercises import main as make_exercises_main
 from flashcourse.grading.report import total
 from flashcourse.grading.runner import REPO_ROOT, available_chapters
 
@@ -37,6 +38,11 @@ def test_exercises_are_what_the_generator_makes():
     assert sorted(p.name for p in EXERCISES.glob("*.py")) == FILES
     for name, text in generate(SOLUTIONS).items():
         assert (EXERCISES / name).read_text() == text, f"exercises/{name} is stale: run python -m flashcourse.grading.make_exercises"
+
+
+def test_make_exercises_check_mode_agrees(capsys):
+    assert make_exercises_main(["--check"]) == 0
+    assert "nothing out of date" in capsys.readouterr().out
 
 
 def _signatures(path):
