@@ -16,8 +16,9 @@ import triton.language as tl
 from flashcourse.grading import require_implemented
 from flashcourse.kernels.common import load_tile, store_tile  # given: masked 2-d tile load and store
 
-LOG2_E = 1.4426950408889634  # exp(x) = exp2(x · log2 e)
-LN_2 = 0.6931471805599453  # ln(x) = log2(x) · ln 2
+# constants a kernel reads must be tl.constexpr (Triton refuses other globals when it compiles)
+LOG2_E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x · log2 e)
+LN_2 = tl.constexpr(0.6931471805599453)  # ln(x) = log2(x) · ln 2
 
 
 @triton.jit
