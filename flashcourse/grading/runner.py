@@ -21,7 +21,7 @@ import sys
 import threading
 import time
 import traceback
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional
 
@@ -138,6 +138,8 @@ def run_check(target: Path, check: Check) -> Result:
     except NotImplementedError as e:
         message = str(e) if STUB_SUFFIX in str(e) else f"{check.chapter}.{check.exercise}: {STUB_SUFFIX}"
         result.status, result.message = "not implemented", message
+    except SystemExit as e:
+        result.status, result.message = "failed", f"called exit({e.code}) {_where(e, target).strip()}"
     except Exception as e:
         first_line = (str(e).strip().splitlines() or [""])[0][:300]
         result.status, result.message = "failed", f"raised {type(e).__name__}: {first_line}{_where(e, target)}"
@@ -270,15 +272,12 @@ def grade(chapters: Optional[Iterable] = None, target=None, *, isolate: bool = T
                     limit = timeout or check.timeout or DEFAULT_TIMEOUT
                     results.append(worker.run(folder, check, index, limit))
                     if results[-1].status in ("timed out", "error"):
-                        hung[check.exercise] = f"not run: an earlier check of this exercise {results[-1].status}"
+                        what = "timed out" if results[-1].status == "timed out" else "crashed the worker"
+                        hung[check.exercise] = f"not run: an earlier check of this exercise {what}"
     finally:
         if worker is not None:
             worker.stop()
     return results
-
-
-def as_dicts(results: list) -> list:
-    return [asdict(r) for r in results]
 
 
 if __name__ == "__main__":
