@@ -9,7 +9,9 @@ import sys
 
 import pytest
 
-from flashcourse.grading import CHAPTERS, check, grade
+import torch
+
+from flashcourse.grading import CHAPTERS, check, grade, load
 from flashcourse.grading.cli import main as grade_cli
 from flashcourse.grading.make_exercises import generate
 from flashcourse.grading.make_exercises import main as make_exercises_main
@@ -117,6 +119,12 @@ def test_check_shows_a_table():
     report = check("ch01_naive", target=EXERCISES)
     assert report.score[0] == 0 and report.score[1] > 0
     assert "<table>" in report._repr_html_() and "not implemented yet" in str(report)
+
+
+def test_load_gives_the_learners_module():
+    mine = load(2, target=SOLUTIONS)
+    x = torch.randn(3, 10)
+    assert torch.allclose(mine.safe_softmax(x), torch.softmax(x, dim=-1))
 
 
 def test_check_from_a_script_without_a_main_guard(tmp_path):

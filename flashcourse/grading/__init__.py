@@ -9,9 +9,9 @@ import time
 
 from .framework import CHAPTERS, chapter_id, require_implemented
 from .report import render_html, render_text, total
-from .runner import grade, resolve_target
+from .runner import grade, load_module, resolve_target
 
-__all__ = ["CHAPTERS", "Report", "check", "grade", "require_implemented"]
+__all__ = ["CHAPTERS", "Report", "check", "grade", "load", "require_implemented"]
 
 
 class Report(list):
@@ -46,3 +46,9 @@ def check(chapter, target=None, *, timeout=None) -> Report:
     start = time.perf_counter()
     results = grade([chapter_id(chapter)], folder, timeout=timeout)
     return Report(results, folder, time.perf_counter() - start)
+
+
+def load(chapter, target=None):
+    """The target's module of one chapter (default: exercises/ch02_softmax.py for 'ch02'), imported afresh,
+    so that a notebook can call the learner's own functions next to the package's."""
+    return load_module(resolve_target(target), chapter_id(chapter), fresh=True)

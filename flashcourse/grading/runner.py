@@ -84,10 +84,10 @@ def chapter_checks(chapter: str) -> list:
 _modules: dict = {}
 
 
-def load_module(target: Path, chapter: str):
-    """Import ``target/<chapter file>.py`` under a name unique to the target folder (cached)."""
+def load_module(target: Path, chapter: str, fresh: bool = False):
+    """Import ``target/<chapter file>.py`` under a name unique to the target folder (cached unless fresh)."""
     key = (str(target), chapter)
-    if key not in _modules:
+    if fresh or key not in _modules:
         path = target / f"{CHAPTERS[chapter]}.py"
         if not path.is_file():
             raise FileNotFoundError(f"{path.name} is missing from {target}")
