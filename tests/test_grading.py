@@ -8,13 +8,11 @@ import subprocess
 import sys
 
 import pytest
-
 import torch
 
 from flashcourse.grading import CHAPTERS, check, grade, load
 from flashcourse.grading.cli import main as grade_cli
-from flashcourse.grading.make_exercises import generate
-from flashcourse.grading.make_exercises import main as make_exercises_main
+from flashcourse.grading.make_exercises import generate, main as make_exercises_main
 from flashcourse.grading.report import total
 from flashcourse.grading.runner import REPO_ROOT, available_chapters
 
