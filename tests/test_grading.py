@@ -107,7 +107,8 @@ def test_cli_table_json_and_exit_status(tmp_path, capsys):
     assert "ch03_tiling.py is missing" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("argv, message", [(["--target", "/no/such/folder"], "not found"), (["ch42"], "unknown chapter")])
+@pytest.mark.parametrize("argv, message", [(["--target", "/no/such/folder"], "not found"), (["ch42"], "unknown chapter"),
+                                           (["1", "--json", "/no/such/folder/r.json"], "could not write")])
 def test_cli_exits_non_zero_only_when_it_cannot_run(argv, message, capsys):
     assert grade_cli(argv) == 2
     assert message in capsys.readouterr().err

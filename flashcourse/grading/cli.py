@@ -1,7 +1,7 @@
 """``flashcourse grade [CHAPTER ...] [--target exercises|solutions|PATH] [--json FILE]``.
 
-Exit status 0 whenever the grading ran, whatever the score; 2 when it could not run (e.g. no such
-target folder or chapter).
+Exit status 0 whenever the grading ran, whatever the score; 2 when it could not run (no such target
+folder or chapter) or could not write the JSON report.
 """
 
 import argparse
@@ -41,7 +41,11 @@ def main(argv=None) -> int:
     print(render_text(results, target))
     print(f"({seconds:.1f} s)")
     if args.json:
-        write_json(args.json, results, target, seconds)
+        try:
+            write_json(args.json, results, target, seconds)
+        except OSError as e:
+            print(f"flashcourse grade: could not write the JSON report: {e}", file=sys.stderr)
+            return 2
         print(f"wrote {args.json}")
     return 0
 
