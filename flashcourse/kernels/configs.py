@@ -39,8 +39,9 @@ def shared_bytes(config: triton.Config, block_d: int, element_size: int) -> int:
 
 # (B_r, B_c, num_warps, num_stages) per (padded head dim, bytes per element). B_r = 128 rows fill the
 # 4-warp groups of Hopper's wgmma; larger d or 4-byte elements leave room for fewer or smaller stages.
-# Each shape is tried with descriptor loads and with pointer loads: descriptors won at d = 64 and
-# N >= 4096, pointers at N = 1024 and at d = 128 (first H100 run, NOTES_forward.md).
+# Each shape is tried with descriptor loads and with pointer loads: on the H100, descriptors won at
+# d = 64 with N >= 4096 and with the two-programs-per-SM shape (128, 64, 4, 2) at d = 128, pointers
+# mostly at N = 1024 (benchmarks/NOTES_forward.md).
 HOPPER_SHAPES = {
     (64, 2): [(128, 64, 4, 3), (128, 128, 4, 3)],
     (128, 2): [(128, 128, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3), (128, 64, 8, 2), (128, 64, 4, 2)],
