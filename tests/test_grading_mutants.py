@@ -45,6 +45,10 @@ MUTANTS = [
      "ds = p * tl.dot(do, tl.trans(v))"),
     ("ch08_module", "MultiHeadAttention.forward", "causal flag dropped", ", causal=self.causal)", ")"),
     ("ch08_module", "split_heads", "heads split without the transpose", ".transpose(1, 2)\n", ".reshape(B, num_heads, N, -1)\n"),
+    ("ch03_tiling", "tiled_attention_forward", "not tiled: the whole score matrix at once",
+     "for i0 in range(0, Nq, block_m):", "block_m, block_n = Nq, Nk\n    for i0 in range(0, Nq, block_m):"),
+    ("ch06_backward", "tiled_backward", "not tiled: the whole score matrix at once",
+     "for j0 in range(0, Nk, block_n):", "block_m, block_n = Nq, Nk\n    for j0 in range(0, Nk, block_n):"),
 ]
 
 

@@ -2,8 +2,8 @@
 
 import torch
 
-from ..framework import ChapterChecks
-from ._common import check_forward
+from ..framework import ChapterChecks, qkv
+from ._common import check_forward, expect_tiled
 
 CHECKS = ChapterChecks("ch03")
 
@@ -40,3 +40,10 @@ def _(m):
 @CHECKS.add("tiled_attention_forward", "float16 inputs", hint="compute in float32 (q.float()); return O in q's dtype, L in float32")
 def _(m):
     _check(m, lse=True, dtypes=(torch.float16,), shapes=[(1, 2, 33, 40, 16)])
+
+
+@CHECKS.add("tiled_attention_forward", "tile by tile: never the whole Nq × Nk score matrix",
+            hint="compute S_ij = scale · Q_i K_jᵀ inside the loops, for one (block_m, block_n) tile at a time")
+def _(m):
+    q, k, v = qkv(1, 2, 70, 45, 16, seed=5)
+    expect_tiled("tiled_attention_forward", lambda: m.tiled_attention_forward(q, k, v), 70, 45)

@@ -3,8 +3,8 @@ flashcourse.naive_attention_backward in float64."""
 
 import torch
 
-from ..framework import ChapterChecks, expect_close, randn, tolerance
-from ._common import attention_cases, backward_case, expect_grads
+from ..framework import ChapterChecks, expect_close, qkv, randn, tolerance
+from ._common import attention_cases, backward_case, expect_grads, expect_tiled
 
 CHECKS = ChapterChecks("ch06")
 
@@ -60,3 +60,11 @@ def _(m):
     _grad_check(m, "tiled_backward", True, blocks={"block_m": 8, "block_n": 5}, shapes=[(1, 2, 19, 27, 8)])
     _grad_check(m, "tiled_backward", True, scale=0.3, shapes=[(1, 1, 21, 13, 8)])
     _grad_check(m, "tiled_backward", True, dtypes=(torch.float16,), shapes=[(1, 2, 33, 40, 16)])
+
+
+@CHECKS.add("tiled_backward", "tile by tile: never the whole Nq × Nk matrix",
+            hint="recompute P_ij, dP_ij and dS_ij inside the loops, for one (block_m, block_n) tile at a time")
+def _(m):
+    q, k, v = qkv(1, 2, 70, 45, 16, seed=5)
+    o, lse, do, _ = backward_case(q, k, v, False)
+    expect_tiled("tiled_backward", lambda: m.tiled_backward(q, k, v, o, lse, do), 70, 45)
