@@ -49,6 +49,8 @@ MUTANTS = [
      "for i0 in range(0, Nq, block_m):", "block_m, block_n = Nq, Nk\n    for i0 in range(0, Nq, block_m):"),
     ("ch06_backward", "tiled_backward", "not tiled: the whole score matrix at once",
      "for j0 in range(0, Nk, block_n):", "block_m, block_n = Nq, Nk\n    for j0 in range(0, Nk, block_n):"),
+    ("ch02_softmax", "online_softmax", "not online: the row max first",
+     "    for start in range(0, x.shape[-1], block):\n", "    m = x.amax(dim=-1)\n    for start in range(0, x.shape[-1], block):\n"),
 ]
 
 

@@ -72,23 +72,25 @@ def check_forward(forward, what: str, *, output=True, lse=False, blocks=None, ke
             expect_lse("L vs flashcourse", out[1], want_L, q.dtype, case, kernel)
 
 
-class _ScoreMatrixWatch(TorchFunctionMode):
-    """Records the first torch operation whose result ends in the shape (Nq, Nk): a whole score matrix."""
+class Watch(TorchFunctionMode):
+    """Records the name of the first torch operation for which ``flag(name, args, out)`` is true."""
 
-    def __init__(self, Nq: int, Nk: int):
+    def __init__(self, flag):
         super().__init__()
-        self.shape, self.culprit = (Nq, Nk), None
+        self.flag, self.culprit = flag, None
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        if self.culprit is None and isinstance(out, torch.Tensor) and tuple(out.shape[-2:]) == self.shape:
-            self.culprit = getattr(func, "__name__", str(func))
+        name = getattr(func, "__name__", str(func))
+        if self.culprit is None and self.flag(name, args, out):
+            self.culprit = name
         return out
 
 
 def expect_tiled(what: str, call, Nq: int, Nk: int) -> None:
     """call() must never build a tensor ending in (Nq, Nk): tiles of B_r × B_c scores only."""
-    with _ScoreMatrixWatch(Nq, Nk) as watch:
+    whole = lambda name, args, out: isinstance(out, torch.Tensor) and tuple(out.shape[-2:]) == (Nq, Nk)  # noqa: E731
+    with Watch(whole) as watch:
         call()
     expect(watch.culprit is None, f"{what} built a whole (Nq, Nk) = ({Nq}, {Nk}) matrix (in torch.{watch.culprit}); "
                                   f"work on one (block_m, block_n) tile of scores at a time")

@@ -6,6 +6,7 @@ import flashcourse as fc
 from flashcourse.softmax import block_state, empty_state, finalize
 
 from ..framework import ChapterChecks, case_name, expect, expect_close, randn, tolerance
+from ._common import Watch
 
 CHECKS = ChapterChecks("ch02")
 SHAPES = [(1, 1), (3, 10), (2, 4, 33), (5, 100)]
@@ -70,6 +71,19 @@ def _(m):
     ramp = torch.linspace(0, 50, 40, dtype=torch.float64).repeat(3, 1) + randn(3, 40, seed=3, dtype=torch.float64)
     xs = list(_rows(scale=30.0)) + [("rising logits 3×40 float64", ramp)]
     _softmax_check(m.online_softmax, "online_softmax(x) vs flashcourse.safe_softmax", xs, blocks=(4, 16))
+
+
+@CHECKS.add("online_softmax", "one pass over blocks: no max or sum over a whole row",
+            hint="reduce one block x[..., start:start + block] at a time and merge it into the running (m, l)")
+def _(m):
+    x = randn(3, 100, seed=11)
+    reductions = {"amax", "max", "sum", "logsumexp", "softmax", "log_softmax", "_softmax"}
+    whole_row = lambda name, args, out: (name in reductions and bool(args) and isinstance(args[0], torch.Tensor)  # noqa: E731
+                                         and args[0].shape[-1] == x.shape[-1])
+    with Watch(whole_row) as watch:
+        m.online_softmax(x, block=16)
+    expect(watch.culprit is None, f"online_softmax(x, block=16) reduced a whole row of {x.shape[-1]} with "
+                                  f"torch.{watch.culprit}: gather (m, l) block by block instead")
 
 
 @CHECKS.add("online_softmax", "masked entries, a row of all −inf", hint="while m is still −inf, subtract 0 instead of m (no NaN)")
