@@ -28,7 +28,7 @@ def main(argv=None) -> int:
                         help="exercises (default, or $FLASHCOURSE_TARGET), solutions, or a folder with the chapter files")
     parser.add_argument("--json", metavar="FILE", help="also write a Gradescope results.json to FILE")
     parser.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
-                        help="time limit of every check (default: per check, 60 s for most)")
+                        help="time limit of each check (default 60)")
     args = parser.parse_args(sys.argv[1:] if argv is None else list(argv))
     start = time.perf_counter()
     try:

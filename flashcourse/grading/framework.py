@@ -68,11 +68,6 @@ class Check:
     points: int
     hint: str
     run: Callable = field(repr=False)
-    timeout: Optional[float] = None
-
-    @property
-    def title(self) -> str:
-        return f"{self.chapter} {self.exercise}: {self.name}"
 
 
 class ChapterChecks(list):
@@ -82,9 +77,9 @@ class ChapterChecks(list):
         super().__init__()
         self.chapter = chapter
 
-    def add(self, exercise: str, name: str, *, points: int = 1, hint: str, timeout: Optional[float] = None):
+    def add(self, exercise: str, name: str, *, points: int = 1, hint: str):
         def register(run):
-            self.append(Check(self.chapter, exercise, name, points, hint, run, timeout))
+            self.append(Check(self.chapter, exercise, name, points, hint, run))
             return run
 
         return register
