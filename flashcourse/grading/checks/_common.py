@@ -52,7 +52,8 @@ def backward_case(q, k, v, causal: bool, scale=None, seed: int = 99):
 
 def expect_grads(what: str, got, want, inputs, case: str, kernel: bool = False) -> None:
     """got = (dq, dk, dv) shaped and typed like (q, k, v) and close to the float64 gradients."""
-    expect(isinstance(got, tuple) and len(got) == 3, f"{what} must return a tuple (dq, dk, dv), got {type(got).__name__} [{case}]")
+    expect(isinstance(got, tuple) and len(got) == 3,
+           f"{what} must return a tuple (dq, dk, dv), got {type(got).__name__} [{case}]")
     for name, g, w, x in zip(("dq", "dk", "dv"), got, want, inputs):
         expect_close(f"{name} vs flashcourse.naive_attention_backward", g, w, case=case, dtype=x.dtype,
                      **tolerance(x.dtype, kernel))

@@ -48,7 +48,8 @@ def _(m):
     _softmax_check(m.safe_softmax, "safe_softmax(x) vs flashcourse.safe_softmax", _rows(scale=1000.0))
 
 
-@CHECKS.add("safe_softmax", "masked entries, a row of all −inf", hint="an all −inf row has max −inf: subtract 0 there and return 0 where l = 0")
+@CHECKS.add("safe_softmax", "masked entries, a row of all −inf",
+            hint="an all −inf row has max −inf: subtract 0 there and return 0 where l = 0")
 def _(m):
     _softmax_check(m.safe_softmax, "safe_softmax(x) vs flashcourse.safe_softmax", [("4×23 with −inf", _masked_rows())])
 

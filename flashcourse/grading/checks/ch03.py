@@ -13,7 +13,8 @@ def _check(m, **kwargs):
 
 
 @CHECKS.add("tiled_attention_forward", "O, not causal, lengths not multiples of the blocks", points=2,
-            hint="the last block is shorter: slicing Q[:, :, i0:i0 + block_m] handles it; rescale O_i by α before adding P̃_ij V_j")
+            hint="the last block is shorter: slicing Q[:, :, i0:i0 + block_m] handles it; "
+                 "rescale O_i by α before adding P̃_ij V_j")
 def _(m):
     _check(m, causal_options=(False,))
 
@@ -37,7 +38,8 @@ def _(m):
         _check(m, lse=True, blocks=blocks, shapes=[(1, 2, 19, 27, 8), (1, 1, 21, 13, 8)])
 
 
-@CHECKS.add("tiled_attention_forward", "float16 inputs", hint="compute in float32 (q.float()); return O in q's dtype, L in float32")
+@CHECKS.add("tiled_attention_forward", "float16 inputs",
+            hint="compute in float32 (q.float()); return O in q's dtype, L in float32")
 def _(m):
     _check(m, lse=True, dtypes=(torch.float16,), shapes=[(1, 2, 33, 40, 16)])
 

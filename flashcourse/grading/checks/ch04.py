@@ -36,7 +36,8 @@ def _softmax_check(m, shapes, dtype=torch.float32, scale=1.0):
                      case=case, dtype=dtype, **tolerance(dtype))
 
 
-@CHECKS.add("softmax_kernel", "rows of 16 and 64", hint="one program per row: row = tl.program_id(0); reduce with tl.max and tl.sum over axis 0")
+@CHECKS.add("softmax_kernel", "rows of 16 and 64",
+            hint="one program per row: row = tl.program_id(0); reduce with tl.max and tl.sum over axis 0")
 def _(m):
     _softmax_check(m, [(4, 16), (3, 64)])
 
@@ -47,7 +48,8 @@ def _(m):
     _softmax_check(m, [(5, 1), (3, 37), (2, 100)])
 
 
-@CHECKS.add("softmax_kernel", "large logits and float16", hint="subtract the row max; compute in float32 and store in out's dtype")
+@CHECKS.add("softmax_kernel", "large logits and float16",
+            hint="subtract the row max; compute in float32 and store in out's dtype")
 def _(m):
     _softmax_check(m, [(3, 37)], scale=1000.0)
     _softmax_check(m, [(3, 37)], dtype=torch.float16, scale=3.0)
@@ -69,12 +71,14 @@ def _(m):
     _matmul_check(m, [(16, 16, 16), (32, 48, 16)])
 
 
-@CHECKS.add("matmul_kernel", "ragged M, N, K", points=2, hint="mask each load on both dims with other=0.0, and the store on (M, N)")
+@CHECKS.add("matmul_kernel", "ragged M, N, K", points=2,
+            hint="mask each load on both dims with other=0.0, and the store on (M, N)")
 def _(m):
     _matmul_check(m, [(1, 5, 7), (37, 20, 33)])
 
 
-@CHECKS.add("matmul_kernel", "strided b and float16", hint="address B with both strides: b_ptr + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn")
+@CHECKS.add("matmul_kernel", "strided b and float16",
+            hint="address B with both strides: b_ptr + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn")
 def _(m):
     _matmul_check(m, [(20, 24, 18)], transpose_b=True)
     _matmul_check(m, [(20, 24, 18)], dtype=torch.float16)

@@ -15,7 +15,8 @@ def _check(m, **kwargs):
 
 
 @CHECKS.add("attention_fwd_kernel", "O, not causal, ragged lengths", points=3,
-            hint="mask keys past Nk with −inf before the row max; rescale acc by α before adding P̃ V_j; divide by l_i at the end")
+            hint="mask keys past Nk with −inf before the row max; "
+                 "rescale acc by α before adding P̃ V_j; divide by l_i at the end")
 def _(m):
     _check(m, causal_options=(False,))
 
@@ -33,7 +34,8 @@ def _(m):
 
 
 @CHECKS.add("attention_fwd_kernel", "float16, and other block sizes",
-            hint="tl.dot(p.to(v.dtype), v) feeds float16 to the dot; keep m_i, l_i and acc in float32; use BLOCK_M/BLOCK_N as given")
+            hint="tl.dot(p.to(v.dtype), v) feeds float16 to the dot; "
+                 "keep m_i, l_i and acc in float32; use BLOCK_M/BLOCK_N as given")
 def _(m):
     _check(m, lse=True, dtypes=(torch.float16,), shapes=[(1, 2, 33, 40, 16)])
     _check(m, lse=True, blocks={"BLOCK_M": 32, "BLOCK_N": 16}, shapes=[(1, 1, 45, 29, 16)])

@@ -27,7 +27,8 @@ def _check(m, which: str, blocks=None, **cases):
 
 
 @CHECKS.add("dkdv_kernel", "not causal, ragged lengths", points=3,
-            hint="dV_j += P_ijᵀ dO_i and dK_j += dS_ijᵀ Q_i over every query block; hide query rows past Nq; scale dK once at the end")
+            hint="dV_j += P_ijᵀ dO_i and dK_j += dS_ijᵀ Q_i over every query block; "
+                 "hide query rows past Nq; scale dK once at the end")
 def _(m):
     _check(m, "dkdv", causal_options=(False,))
 
