@@ -3,6 +3,7 @@
 import ast
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import torch
 
 from flashcourse.grading import CHAPTERS, check, grade, load
 from flashcourse.grading.cli import main as grade_cli
+from flashcourse.grading.framework import CheckFailed, expect_close
 from flashcourse.grading.make_exercises import generate, main as make_exercises_main
 from flashcourse.grading.report import total
 from flashcourse.grading.runner import REPO_ROOT, available_chapters
@@ -136,3 +138,18 @@ def test_check_from_a_script_without_a_main_guard(tmp_path):
     assert run.returncode == 0, run.stderr
     points = total([r for r in grade(["ch02"], SOLUTIONS, isolate=False)])
     assert run.stdout.count("score") == 1 and f"score {points}" in run.stdout
+
+
+@pytest.mark.parametrize("got, message", [
+    (None, "expected a tensor of shape (2, 3), got NoneType"),
+    (torch.zeros(3, 2), "shape (3, 2), expected (2, 3)"),
+    (torch.zeros(2, 3, dtype=torch.float64), "dtype torch.float64, expected torch.float32"),
+    (torch.tensor([[0.0, float("nan"), 0.0], [0.0, 0.0, 0.0]]), "got nan at [0, 1]"),
+    (torch.zeros(2, 3), "got 0.0 at [1, 2], want -inf"),
+    (torch.tensor([[0.0, 0.0, 0.0], [0.5, 0.0, float("-inf")]]), "max abs error 0.5 at [1, 0]"),
+])
+def test_expect_close_names_what_is_wrong(got, message):
+    want = torch.tensor([[0.0, 0.0, 0.0], [0.0, 0.0, float("-inf")]])
+    with pytest.raises(CheckFailed, match=re.escape(message)):
+        expect_close("O vs oracle", got, want, atol=1e-3, dtype=torch.float32)
+    expect_close("O vs oracle", want.clone(), want, atol=0, dtype=torch.float32)
