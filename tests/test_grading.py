@@ -83,7 +83,7 @@ def student(tmp_path):
 
 
 def test_a_hang_or_a_crash_costs_only_its_exercise_and_prints_are_captured(student, capfd):
-    results = grade(["ch02"], student, timeout=3)
+    results = grade(["ch02"], student, timeout=5)
     by_exercise = {}
     for r in results:
         by_exercise.setdefault(r.exercise, []).append(r.status)
