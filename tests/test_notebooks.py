@@ -34,6 +34,20 @@ def test_stored_without_outputs(path):
     assert nb.metadata.get("kernelspec", {}).get("name") == "python3"
 
 
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_chapter_has_the_parts_every_chapter_needs(path):
+    """Goal first, a 'Your turn' that runs the grader, common bugs, and a closing summary."""
+    nb = nbformat.read(path, as_version=4)
+    markdown = [c.source for c in nb.cells if c.cell_type == "markdown"]
+    code = "\n".join(c.source for c in nb.cells if c.cell_type == "code")
+    assert "At the end of this notebook you will be able to" in markdown[0], f"{path.name}: open with the goals"
+    assert any("Your turn" in m for m in markdown) and "fc.check(" in code, f"{path.name}: no 'Your turn' check"
+    if not path.name.startswith("00"):
+        assert any("Common bugs" in m or "common benchmarking bugs" in m.lower() for m in markdown), path.name
+    assert "## Summary" in markdown[-1] and ("Next" in markdown[-1] or "Where to go next" in markdown[-1]), path.name
+    assert code.lstrip().startswith("import flashcourse"), f"{path.name}: import flashcourse first (Triton interpreter)"
+
+
 def _images(nb) -> int:
     return sum("image/png" in out.get("data", {}) for c in nb.cells if c.cell_type == "code" for out in c.outputs)
 
