@@ -7,6 +7,7 @@ Run one chapter with ``pytest tests/test_notebooks.py -k 03``; they split across
 """
 
 import os
+import re
 import time
 from pathlib import Path
 
@@ -46,6 +47,8 @@ def test_chapter_has_the_parts_every_chapter_needs(path):
         assert any("Common bugs" in m or "common benchmarking bugs" in m.lower() for m in markdown), path.name
     assert "## Summary" in markdown[-1] and ("Next" in markdown[-1] or "Where to go next" in markdown[-1]), path.name
     assert code.lstrip().startswith("import flashcourse"), f"{path.name}: import flashcourse first (Triton interpreter)"
+    for name in re.findall(r"exercises/(ch\d\d_\w+\.py)", "\n".join(markdown)):
+        assert (ROOT / "exercises" / name).exists(), f"{path.name} names exercises/{name}, which does not exist"
 
 
 def _images(nb) -> int:
