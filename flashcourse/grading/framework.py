@@ -118,8 +118,11 @@ def expect_close(what: str, got, want: torch.Tensor, *, atol: float, rtol: float
     err = torch.where(finite & ~torch.isfinite(g), float("inf"), err)
     excess = err - (atol + rtol * w.abs().nan_to_num(posinf=0.0, neginf=0.0))
     if (excess > 0).any():
-        idx = tuple(int(i) for i in torch.unravel_index(err.argmax(), err.shape)) if err.dim() else ()
-        raise CheckFailed(f"{what}{where}: max abs error {err.max().item():.3g} at {list(idx)} "
+        at = lambda t: tuple(int(i) for i in torch.unravel_index(t.argmax(), t.shape)) if t.dim() else ()  # noqa: E731
+        # the largest error, and the element furthest outside its tolerance when that is another one
+        imax, idx = at(err), at(excess)
+        worst = "" if imax == idx else f"; furthest outside the tolerance at {list(idx)}"
+        raise CheckFailed(f"{what}{where}: max abs error {err.max().item():.3g} at {list(imax)}{worst} "
                           f"(got {g[idx].item():.4g}, want {w[idx].item():.4g}; tol {atol:.0e}"
                           f"{f'+{rtol:.0e}·|want|' if rtol else ''}), shape {tuple(want.shape)}")
 
@@ -167,5 +170,5 @@ def tolerance(dtype: torch.dtype, kernel: bool = False) -> dict:
     """
     atol, rtol = TOLERANCE[dtype]
     if kernel and dtype == torch.float32 and torch.cuda.is_available():
-        atol, rtol = 5e-3, 5e-3
+        atol, rtol = 1e-2, 1e-2
     return {"atol": atol, "rtol": rtol}
