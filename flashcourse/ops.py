@@ -71,7 +71,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, do, dlse):
     # L is returned for inspection only: its gradient dlse is not propagated (flash_attention detaches it)
     q, k, v, o, lse = ctx.saved_tensors
-    dq, dk, dv = flash_attn_bwd(q, k, v, o, lse, do.contiguous(), ctx.causal, ctx.scale)
+    dq, dk, dv = flash_attn_bwd(q, k, v, o, lse, do, ctx.causal, ctx.scale)  # any dO strides
     return dq, dk, dv, None, None
 
 

@@ -125,6 +125,16 @@ def test_autograd_through_flash_attention(Hkv, Nq, Nk, causal, dtype):
         assert _error(g, ref) < TOL[dtype], f"{name}: error {_error(g, ref):.2e}"
 
 
+def test_loss_sum_gives_a_broadcast_grad_output():
+    """o.sum().backward() hands the backward a dO with all strides 0: it is read as it is, not copied."""
+    q, k, v, _ = _inputs(1, 2, 1, 17, 20, 16, torch.float32, seed=4)
+    leaves = [t.requires_grad_() for t in (q, k, v)]
+    grads = torch.autograd.grad(flash_attention(q, k, v, causal=True).sum(), leaves)
+    _, _, refs = _reference(q, k, v, torch.ones(1, 2, 17, 16), True)
+    for name, g, ref in zip(("dq", "dk", "dv"), grads, refs):
+        assert _error(g, ref) < TOL[torch.float32], f"{name}: error {_error(g, ref):.2e}"
+
+
 def test_gpu_autotune_pruner_keeps_what_fits_on_chip():
     from flashcourse.kernels.backward import _configs, _fitting
 
