@@ -1,5 +1,6 @@
 """flash_attention is a pair of PyTorch custom ops: torch.compile traces it whole (no graph break)."""
 
+import pytest
 import torch
 
 import flashcourse
@@ -14,11 +15,15 @@ def attention_block(q, k, v):
     return flash_attention(q * 2.0, k, v, causal=True).relu().sum(dim=-1)
 
 
-def test_compiled_forward_and_backward_match_eager():
+@pytest.mark.parametrize("backend", [
+    # aot_eager: Dynamo and AOTAutograd trace with the fake kernels (what fullgraph tests)
+    "aot_eager",
+    # inductor, torch.compile's default, also generates code around the op (a C++ build on a CPU)
+    pytest.param("inductor", marks=pytest.mark.slow),
+])
+def test_compiled_forward_and_backward_match_eager(backend):
     torch._dynamo.reset()
-    # aot_eager: Dynamo and AOTAutograd trace with the fake kernels (what fullgraph tests) without
-    # inductor's C++ build, which would add ~15 s on a CPU
-    compiled = torch.compile(attention_block, fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(attention_block, fullgraph=True, backend=backend)
     q, k, v = make_qkv(B=1, H=2, Hkv=1, Nq=18, Nk=24, d=16, dtype=torch.float32, seed=4)
     inputs = [t.to(DEVICE).requires_grad_() for t in (q, k, v)]
     eager = attention_block(*inputs)
