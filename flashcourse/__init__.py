@@ -5,6 +5,7 @@ so it must be imported before ``triton``.
 """
 
 from ._env import HAS_CUDA, INTERPRET  # noqa: F401  (must run before anything imports triton)
+from ._checks import causal_mask
 from .reference import naive_attention, naive_attention_backward
 from .softmax import SoftmaxState, merge_states, online_softmax, safe_softmax
 from .tiled import tiled_attention, tiled_attention_backward, tiled_attention_forward

@@ -72,7 +72,9 @@ def _packed_qkv_hint(shape) -> str:
         return f"split the heads with qkv.view(B, N, 3, H, {shape[-1]} // H) for H heads"
     if len(shape) == 5 and 3 in shape:
         dim = list(shape).index(3)
-        return f"the q/k/v axis looks like dimension {dim}: move it with qkv.movedim({dim}, 2)"
+        return (f"the q/k/v axis looks like dimension {dim}. If qkv stacks q, k, v along it, move it with "
+                f"qkv.movedim({dim}, 2); if it is a Linear(E, 3·E) output viewed with the 3 in the wrong place, "
+                f"its features are ordered (3, H, d): view that output as (B, N, 3, H, d) instead")
     return "stack q, k, v of shape (B, N, H, d) with torch.stack([q, k, v], dim=2)"
 
 
