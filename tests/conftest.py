@@ -12,3 +12,9 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def device() -> str:
+    """Where a test runs its tensors: the GPU when there is one, else the CPU (kernels interpreted)."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
