@@ -5,6 +5,7 @@ got and what it should be, so that a learner can fix the call without reading a 
 """
 
 import math
+import numbers
 from typing import NamedTuple, Optional
 
 import torch
@@ -90,10 +91,21 @@ def check_like(name: str, t, like: torch.Tensor, like_name: str) -> None:
         raise ValueError(f"{name} is on {t.device} but {like_name} is on {like.device}; they must share a device")
 
 
+def check_flag(name: str, value) -> bool:
+    """A yes/no option such as ``causal`` must be a real bool (``causal='yes'`` is refused, not truthy)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r} ({type(value).__name__})")
+    return value
+
+
 def softmax_scale(scale: Optional[float], d: int) -> float:
     """The factor applied to QKᵀ: ``scale`` if given, else 1/sqrt(d)."""
     if scale is None:
         return 1.0 / math.sqrt(d)
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) and not (
+        isinstance(scale, torch.Tensor) and scale.numel() == 1
+    ):
+        raise TypeError(f"scale must be a number (the factor applied to Q Kᵀ, default 1/sqrt(d)), got {scale!r}")
     scale = float(scale)
     if not math.isfinite(scale) or scale <= 0:
         raise ValueError(f"scale must be a finite positive number (default 1/sqrt(d)), got {scale}")
