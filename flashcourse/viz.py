@@ -559,7 +559,8 @@ def plot_kernel_budget(shapes: Sequence[tuple], d: int, element_size: int = 2, g
     a0.axhline(gpu.shared_per_program / 1024, color="tab:red", ls="--", label=f"one program's limit ({gpu.shared_per_program // 1024} KiB)")
     a0.axhline(gpu.shared_per_sm / 2048, color="tab:orange", ls=":", label=f"two programs per SM ({gpu.shared_per_sm // 2048} KiB each)")
     for i, b in enumerate(budgets):
-        a0.text(i, b.shared_bytes / 1024 + 3, f"{b.programs_by_shared} / SM", ha="center", fontsize=8)
+        a0.text(i, b.shared_bytes / 2048, f"{b.shared_bytes / 1024:.0f} KiB\n{b.programs_by_shared} / SM", ha="center",
+                va="center", fontsize=8, color="white")
     a0.set_xticks(x, names, fontsize=8)
     _style(a0, "", "shared memory per program (KiB)", f"Q_i + stages·(K_j + V_j), d = {d}, {8 * element_size}-bit")
     a0.set_ylim(0, gpu.shared_per_program / 1024 * 1.25)
@@ -569,7 +570,7 @@ def plot_kernel_budget(shapes: Sequence[tuple], d: int, element_size: int = 2, g
     two = [min(gpu.max_registers_per_thread, gpu.registers_per_sm // (2 * 32 * w)) for _, _, w, _ in shapes]
     a1.plot(x, two, "_", color="tab:orange", markersize=40, mew=3, label="most registers a thread may use for two programs per SM")
     for i, b in enumerate(budgets):
-        a1.text(i, b.tile_registers + 4, f"≥ {b.tile_registers}", ha="center", fontsize=8)
+        a1.text(i, b.tile_registers / 2, f"≥ {b.tile_registers}", ha="center", va="center", fontsize=8, color="white")
     a1.set_xticks(x, names, fontsize=8)
     _style(a1, "", "registers per thread (32-bit)", "fp32 tiles acc_i (B_r × d) and S_ij (B_r × B_c) alone")
     a1.set_ylim(0, gpu.max_registers_per_thread * 1.3)
