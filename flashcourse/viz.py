@@ -719,7 +719,7 @@ def plot_checkpointing(measured: Dict[str, tuple], title: str = ""):
     colors = [f"C{i}" for i in range(len(labels))]
     y = list(range(len(labels)))
     for ax, values, xlabel in ((a0, [b / 2**20 for b, _ in measured.values()], "peak memory of one training step (MiB)"),
-                               (a1, [ms for _, ms in measured.values()], "time of one training step (ms, median)")):
+                               (a1, [ms for _, ms in measured.values()], "time of one training step (ms)")):
         ax.barh(y, values, color=colors)
         for i, x in enumerate(values):
             ax.text(x, i, f" {x:.3g}", va="center", fontsize=8)
