@@ -10,7 +10,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from ._env import resolve_device
+from ._env import factory_device
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -141,8 +141,7 @@ def causal_mask(Nq: int, Nk: int, device=None) -> torch.Tensor:
     """
     check_length("Nq", Nq)
     check_length("Nk", Nk)
-    if device is not None:
-        device = resolve_device(device)
+    device = factory_device(device)
     i = torch.arange(Nq, device=device)[:, None]
     j = torch.arange(Nk, device=device)[None, :]
     return j <= i + causal_offset(Nq, Nk)

@@ -71,9 +71,10 @@ def resolve_device(device=None) -> torch.device:
                 f"device={str(device)!r}, but PyTorch sees no CUDA GPU (torch.cuda.is_available() is False): "
                 f"check the GPU and its driver with `nvidia-smi`, or use device='cpu'"
             )
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(
-                f"device={str(device)!r}, but this machine has {torch.cuda.device_count()} CUDA GPU(s), "
-                f"numbered from cuda:0"
-            )
     return device
+
+
+def factory_device(device=None):
+    """The ``device`` of a function that makes tensors (``causal_mask``, ``empty_state``, ``copy_batch``):
+    None stays None, PyTorch's default device, as in ``torch.zeros``; anything else as ``resolve_device``."""
+    return None if device is None else resolve_device(device)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import trange
 
-from ._env import resolve_device
+from ._env import factory_device, resolve_device
 from .nn import MultiHeadAttention
 
 
@@ -59,7 +59,7 @@ def copy_batch(config: GPTConfig, generator: Optional[torch.Generator] = None, d
     scored only on the copy: targets are −1 (ignored) before the separator. ``device``: where the
     batch goes (None: PyTorch's default device).
     """
-    device = None if device is None else resolve_device(device)
+    device = factory_device(device)
     L = config.copy_len
     x = torch.randint(config.n_symbols, (config.batch_size, L), generator=generator)
     sep = torch.full((config.batch_size, 1), config.n_symbols)

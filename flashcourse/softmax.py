@@ -17,6 +17,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from ._checks import check_float_tensor
+from ._env import factory_device
 
 
 class SoftmaxState(NamedTuple):
@@ -81,6 +82,7 @@ def merge_states(a: SoftmaxState, b: SoftmaxState) -> SoftmaxState:
 
 def empty_state(shape, d: Optional[int] = None, dtype=torch.float32, device=None) -> SoftmaxState:
     """The state of an empty slice (the identity of merge): m = −inf, l = 0, o = 0."""
+    device = factory_device(device)
     m = torch.full(shape, float("-inf"), dtype=dtype, device=device)
     l = torch.zeros(shape, dtype=dtype, device=device)
     o = None if d is None else torch.zeros(*shape, d, dtype=dtype, device=device)

@@ -10,6 +10,7 @@ import torch
 import flashcourse._env as env
 from flashcourse import causal_mask, naive_attention, naive_attention_backward, online_softmax, safe_softmax, tiled_attention
 from flashcourse._env import resolve_device
+from flashcourse.softmax import empty_state
 from flashcourse.tiled import tiled_attention_backward, tiled_attention_forward
 from helpers import make_qkv, sdpa_reference
 
@@ -128,7 +129,8 @@ def test_default_device_is_the_gpu_when_there_is_one(device):
     lambda: resolve_device("cuda"),
     lambda: causal_mask(2, 3, device="cuda"),
     lambda: causal_mask(2, 3, device=torch.device("cuda", 0)),
-], ids=["resolve_device", "causal_mask", "causal_mask-torch.device"])
+    lambda: empty_state((2,), device="cuda"),
+], ids=["resolve_device", "causal_mask", "causal_mask-torch.device", "empty_state"])
 def test_a_cuda_device_on_a_cpu_only_torch_is_explained(monkeypatch, use):
     monkeypatch.setattr(env, "CUDA_BUILT", False)
     monkeypatch.setattr(env, "HAS_CUDA", False)
@@ -177,4 +179,4 @@ def test_a_nan_in_q_stays_in_its_row(device):
     q[0, 0, 4, 2] = float("nan")
     for O in (naive_attention(q, k, v, causal=True), tiled_attention(q, k, v, causal=True, block_m=4, block_n=8)):
         assert torch.isnan(O[0, 0, 4]).all()
-        assert torch.isfinite(O[0, 0, torch.arange(9) != 4]).all()
+        assert torch.isfinite(O[0, 0, torch.arange(9, device=device) != 4]).all()
