@@ -41,37 +41,44 @@ def test_triton_first_is_fine_when_the_variable_is_set():
     assert r.returncode == 0, r.stderr
 
 
-def run_cli(*args, **env):
-    """Run ``python -m flashcourse ARGS`` (the same command as ``flashcourse ARGS``) in the repository root."""
-    return subprocess.run([sys.executable, "-m", "flashcourse", *args], capture_output=True, text=True, cwd=ROOT,
-                          env=os.environ | env)
-
-
 def test_doctor_launches_a_kernel_and_gives_a_verdict():
-    r = run_cli("doctor")
+    """``python -m flashcourse doctor`` in a fresh process: the same command as ``flashcourse doctor``."""
+    r = subprocess.run([sys.executable, "-m", "flashcourse", "doctor"], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0, r.stdout + r.stderr
     for word in ("python", "platform", "torch", "triton", "device", "triton mode", "course", "every chapter runs here",
                  "kernel", "verdict: OK"):
         assert word in r.stdout
 
 
-def test_plain_command_lists_the_commands_and_version_prints():
-    r = run_cli()
-    assert r.returncode == 0 and all(name in r.stdout for name in ("doctor", "grade", "bench", "--version"))
-    r = run_cli("--version")
-    assert r.returncode == 0 and r.stdout.strip() == f"flashcourse {flashcourse.__version__}"
+def run_cli(capsys, *argv):
+    """(exit status, stdout, stderr) of ``flashcourse ARGV``, in this process."""
+    from flashcourse.cli import main
+
+    try:
+        status = main(list(argv))
+    except SystemExit as e:  # argparse's --help, --version and usage errors
+        status = e.code
+    out, err = capsys.readouterr()
+    return status, out, err
 
 
-def test_doctor_help_helps_and_unknown_options_are_refused():
-    r = run_cli("doctor", "--help")
-    assert r.returncode == 0 and "usage: flashcourse doctor" in r.stdout and "verdict" not in r.stdout
-    r = run_cli("doctor", "--frobnicate")
-    assert r.returncode == 2 and "unrecognized arguments: --frobnicate" in r.stderr and "verdict" not in r.stdout
+def test_plain_command_lists_the_commands_and_version_prints(capsys):
+    status, out, _ = run_cli(capsys)
+    assert status == 0 and all(name in out for name in ("doctor", "grade", "bench", "--version"))
+    status, out, _ = run_cli(capsys, "--version")
+    assert status == 0 and out.strip() == f"flashcourse {flashcourse.__version__}"
 
 
-def test_cli_rejects_an_unknown_command():
-    r = run_cli("frobnicate")
-    assert r.returncode == 2 and "invalid choice: 'frobnicate'" in r.stderr
+def test_doctor_help_helps_and_unknown_options_are_refused(capsys):
+    status, out, _ = run_cli(capsys, "doctor", "--help")
+    assert status == 0 and "usage: flashcourse doctor" in out and "verdict" not in out
+    status, out, err = run_cli(capsys, "doctor", "--frobnicate")
+    assert status == 2 and "unrecognized arguments: --frobnicate" in err and "verdict" not in out
+
+
+def test_cli_rejects_an_unknown_command(capsys):
+    status, _, err = run_cli(capsys, "frobnicate")
+    assert status == 2 and "invalid choice: 'frobnicate'" in err
 
 
 def test_an_unexpected_error_is_one_line_not_a_traceback(monkeypatch, capsys):
