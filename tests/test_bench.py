@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import triton
+import triton.language as tl
 
 from flashcourse import bench, naive_attention, viz
 from flashcourse.bench import tuning
@@ -35,6 +36,16 @@ def script(name):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(params=["highest"])
+def float32_precision(request):
+    """torch.set_float32_matmul_precision for one test: "highest" is IEEE float32, "high" allows TF32
+    (on a GPU the kernels' tl.dot follows this setting, as PyTorch's matrix products do)."""
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(request.param)
+    yield request.param
+    torch.set_float32_matmul_precision(before)
 
 
 def test_flops_and_default_sizes():
@@ -71,7 +82,7 @@ def test_plan_takes_the_device_defaults_and_names_what_exists(device):
         bench.make_plan(device=device, batch=0)
 
 
-def test_wrong_providers_are_flagged_and_the_run_goes_on(device):
+def test_wrong_providers_are_flagged_and_the_run_goes_on(device, float32_precision):
     def wrong_output(q, k, v, causal):
         return v  # the right shape, the wrong function
 
@@ -97,7 +108,7 @@ def test_wrong_providers_are_flagged_and_the_run_goes_on(device):
         for name in ("naive", "sdpa-math"):
             m = by_name(results, name, mode)
             assert m.status == "ok", m.note
-            assert m.ms > 0 and m.tflops > 0 and m.max_rel_err < 1e-5
+            assert m.ms > 0 and m.tflops > 0 and m.max_rel_err < 1e-5  # IEEE float32
             assert (m.peak_mib is None) == (device == "cpu")  # no allocator to ask on the CPU
         assert by_name(results, "wrong_output", mode).status == "failed"
         assert "NaN or inf" in by_name(results, "nan_output", mode).note
@@ -133,16 +144,8 @@ def test_exceptions_become_statuses_with_reasons():
     assert bench.classify(ValueError("q must have 4 dimensions")) == ("error", "ValueError: q must have 4 dimensions")
 
 
-@pytest.fixture
-def tf32_allowed():
-    """float32 matrix products may use TF32 (the kernels' tl.dot follows this setting on a GPU)."""
-    before = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("high")
-    yield
-    torch.set_float32_matmul_precision(before)
-
-
-def test_flashcourse_triton_kernels_checked_and_timed(device, tf32_allowed):
+@pytest.mark.parametrize("float32_precision", ["high"], indirect=True)
+def test_flashcourse_triton_kernels_checked_and_timed(device, float32_precision):
     # the check's float32 limit (5e-3) holds for TF32 as for IEEE float32 products
     results = bench.benchmark(providers=["flashcourse", "tiled"], modes=["fwd+bwd"], causal=[True], **tiny(device))
     for m in results:
@@ -217,6 +220,30 @@ def test_the_kernels_autotuners_are_where_tuning_looks(device):
     assert before == {name: (t.cache, t.early_config_prune, t.configs) for name, t in tuners.items()}
     # the interpreter runs one fixed config per kernel: nothing to choose from
     assert set(found) == (set() if device == "cpu" else {"forward", "dkdv", "dq"})
+
+
+@triton.autotune(configs=[triton.Config({"BLOCK": b}) for b in (16, 32, 64)], key=["n"],
+                 prune_configs_by={"early_config_prune": lambda configs, named_args, **kwargs: configs[:2]})
+@triton.jit
+def _write_block_size(out, n, BLOCK: tl.constexpr):
+    """out[:n] = BLOCK: which config ran."""
+    offs = tl.arange(0, BLOCK)
+    tl.store(out + offs, tl.full((BLOCK,), BLOCK, tl.int32), mask=offs < n)
+
+
+def test_candidates_and_pinning_with_a_real_autotuner(device, monkeypatch):
+    """tuning.candidates and tuning.pinned on a triton.autotune object: the candidates are what its
+    pruner keeps, a pinned config is the one that runs, and the autotuner is left as it was."""
+    monkeypatch.setattr(tuning, "autotuners", lambda: {"write": _write_block_size})
+    out = torch.zeros(8, dtype=torch.int32, device=device)
+    configs, prune = _write_block_size.configs, _write_block_size.early_config_prune
+    found = tuning.candidates(lambda: _write_block_size[(1,)](out, 8))
+    assert [c.kwargs["BLOCK"] for c in found["write"]] == [16, 32] and out[0].item() == 16
+    with tuning.pinned("write", configs[2]):
+        _write_block_size[(1,)](out, 8)
+    assert out[0].item() == 64
+    assert (_write_block_size.configs, _write_block_size.early_config_prune, _write_block_size.cache) == \
+        (configs, prune, {})
 
 
 @pytest.mark.gpu

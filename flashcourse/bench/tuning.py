@@ -74,4 +74,5 @@ def chosen(mode: str) -> str:
     if INTERPRET:
         return ""
     tuners = autotuners()
-    return "; ".join(label(name, tuners[name].best_config) for name in MODE_KERNELS[mode])
+    launched = [(name, getattr(tuners[name], "best_config", None)) for name in MODE_KERNELS[mode]]
+    return "; ".join(label(name, config) for name, config in launched if config is not None)
