@@ -38,16 +38,6 @@ def script(name):
     return module
 
 
-@pytest.fixture(params=["highest"])
-def float32_precision(request):
-    """torch.set_float32_matmul_precision for one test: "highest" is IEEE float32, "high" allows TF32
-    (on a GPU the kernels' tl.dot follows this setting, as PyTorch's matrix products do)."""
-    before = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision(request.param)
-    yield request.param
-    torch.set_float32_matmul_precision(before)
-
-
 def test_flops_and_default_sizes():
     B, H, N, d = 2, 3, 1024, 64
     fwd = 4 * B * H * N * N * d
@@ -82,7 +72,7 @@ def test_plan_takes_the_device_defaults_and_names_what_exists(device):
         bench.make_plan(device=device, batch=0)
 
 
-def test_wrong_providers_are_flagged_and_the_run_goes_on(device, float32_precision):
+def test_wrong_providers_are_flagged_and_the_run_goes_on(device):
     def wrong_output(q, k, v, causal):
         return v  # the right shape, the wrong function
 
@@ -108,7 +98,7 @@ def test_wrong_providers_are_flagged_and_the_run_goes_on(device, float32_precisi
         for name in ("naive", "sdpa-math"):
             m = by_name(results, name, mode)
             assert m.status == "ok", m.note
-            assert m.ms > 0 and m.tflops > 0 and m.max_rel_err < 1e-5  # IEEE float32
+            assert m.ms > 0 and m.tflops > 0 and m.max_rel_err < 1e-5  # IEEE float32 (conftest: "highest")
             assert (m.peak_mib is None) == (device == "cpu")  # no allocator to ask on the CPU
         assert by_name(results, "wrong_output", mode).status == "failed"
         assert "NaN or inf" in by_name(results, "nan_output", mode).note
@@ -144,9 +134,10 @@ def test_exceptions_become_statuses_with_reasons():
     assert bench.classify(ValueError("q must have 4 dimensions")) == ("error", "ValueError: q must have 4 dimensions")
 
 
-@pytest.mark.parametrize("float32_precision", ["high"], indirect=True)
-def test_flashcourse_triton_kernels_checked_and_timed(device, float32_precision):
-    # the check's float32 limit (5e-3) holds for TF32 as for IEEE float32 products
+def test_flashcourse_triton_kernels_checked_and_timed(device):
+    # TF32 allowed (on a GPU the kernels' tl.dot follows this, as PyTorch's products do; conftest puts
+    # "highest" back): the check's float32 limit, 5e-3, holds for TF32 as for IEEE float32 products
+    torch.set_float32_matmul_precision("high")
     results = bench.benchmark(providers=["flashcourse", "tiled"], modes=["fwd+bwd"], causal=[True], **tiny(device))
     for m in results:
         assert m.status == "ok", (m.provider, m.note)

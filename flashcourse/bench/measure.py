@@ -13,7 +13,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from .._env import HAS_CUDA
+from .._env import resolve_device
 
 # FLOPs of a mode in units of the forward pass: the backward pass runs five N×N×d products to the
 # forward's two, so 2.5 forwards; forward + backward is 3.5.
@@ -46,7 +46,7 @@ def time_ms(step: Callable, device=None, warmup_ms: float = 25, rep_ms: float = 
     ``warmup_ms`` (at least once), then at least ``min_runs`` times and for ``rep_ms``, with torch
     on ``CPU_THREADS`` threads; the median wall-clock time.
     """
-    device = torch.device(device if device is not None else ("cuda" if HAS_CUDA else "cpu"))
+    device = resolve_device(device)
     if device.type == "cuda":
         import triton.testing
 

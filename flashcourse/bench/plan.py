@@ -12,7 +12,7 @@ from typing import Callable, Dict, List, NamedTuple, Optional
 
 import torch
 
-from .._env import HAS_CUDA
+from .._env import resolve_device
 from .providers import PROVIDERS
 
 MODES = ("fwd", "bwd", "fwd+bwd")
@@ -128,13 +128,14 @@ def default_batch_heads(N: int, d: int, tokens: int = 16384, hidden: int = 2048)
 def make_plan(device=None, **options) -> Plan:
     """A ``Plan`` from ``options`` (any field of ``Plan``); those left out or None take ``DEFAULTS[device]``.
 
-    ``device`` defaults to "cuda" when there is a GPU, else "cpu". A single value stands for a list of
+    ``device`` follows the package's policy (``_env.resolve_device``: None is the GPU when there is
+    one, else the CPU). A single value stands for a list of
     one; dtypes may be names or ``torch.dtype``. Unknown providers, modes or dtypes and sizes below 1
     raise ``ValueError`` naming what exists.
     """
-    device = str(device if device is not None else ("cuda" if HAS_CUDA else "cpu"))
+    device = resolve_device(device)
     given = {key: value for key, value in options.items() if value is not None}
-    plan = Plan(device=device, **{**DEFAULTS[torch.device(device).type], **given})
+    plan = Plan(device=str(device), **{**DEFAULTS[device.type], **given})
     for name in ("providers", "modes", "dtypes", "head_dims", "causal", "seqlens"):
         value = getattr(plan, name)
         setattr(plan, name, list(value) if isinstance(value, (list, tuple)) else [value])
