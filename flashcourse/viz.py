@@ -10,9 +10,6 @@ from typing import Callable, Dict, List, NamedTuple, Optional, Sequence
 
 import matplotlib.pyplot as plt
 import torch
-from torch.multiprocessing.reductions import StorageWeakRef
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 from .softmax import SoftmaxState, block_state, empty_state, finalize, merge_states
 
@@ -24,52 +21,8 @@ GiB = 2**30
 # ----------------------------------------------------------------------------------------------------
 
 
-class _PeakTracker(TorchDispatchMode):
-    """Counts the bytes of every tensor storage created by torch ops while active, and their peak.
-
-    A storage stops counting when Python frees it, so ``peak`` is the most memory that the computation
-    held at once — on any device, without an allocator API (the CPU has none).
-    """
-
-    def __init__(self):
-        super().__init__()
-        self.live: Dict[int, tuple] = {}
-        self.current = 0
-        self.peak = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for key, (ref, nbytes) in list(self.live.items()):
-            if ref.expired():
-                del self.live[key]
-                self.current -= nbytes
-        for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor):
-                s = t.untyped_storage()
-                if s.data_ptr() not in self.live and s.nbytes() > 0:
-                    self.live[s.data_ptr()] = (StorageWeakRef(s), s.nbytes())
-                    self.current += s.nbytes()
-        self.peak = max(self.peak, self.current)
-        return out
-
-
-def peak_memory(fn: Callable, *args, **kwargs):
-    """Run ``fn(*args, **kwargs)``; return (its result, the peak bytes it allocated beyond its inputs).
-
-    On a GPU this is ``torch.cuda.max_memory_allocated`` above the memory in use before the call; on
-    the CPU every storage the call creates is counted while it is alive.
-    """
-    on_gpu = any(isinstance(a, torch.Tensor) and a.is_cuda for a in args)
-    if on_gpu:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        out = fn(*args, **kwargs)
-        torch.cuda.synchronize()
-        return out, torch.cuda.max_memory_allocated() - before
-    with _PeakTracker() as tracker:
-        out = fn(*args, **kwargs)
-    return out, tracker.peak
+# The one peak-memory helper lives in flashcourse.bench; the notebooks call it as viz.peak_memory.
+from .bench.measure import peak_memory  # noqa: E402,F401
 
 
 def saved_for_backward(fn: Callable, *args, **kwargs):
