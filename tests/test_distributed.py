@@ -1,0 +1,246 @@
+"""Ring attention and Ulysses (flashcourse.distributed) against single-process flash_attention.
+
+The layout, schedule and fold tests run in this process. The strategies run in 2 and 4 processes
+joined by gloo (``distributed.launch``), each group checking several cases to pay its start-up once.
+On a GPU machine the ranks share the one GPU: their tensors are on cuda:0 and gloo stages the
+transfers through CPU memory. float32 must match flash_attention over the whole sequence to 1e-5 (on
+a GPU with IEEE float32 matmuls, PyTorch's default "highest" precision); bfloat16 follows flash-attn's
+rule: its error against float64 at most twice that of the single-process kernel in bfloat16, plus a
+small atol.
+"""
+
+import math
+
+import pytest
+import torch
+
+import flashcourse as fc
+from flashcourse import distributed as D
+from flashcourse.reference import naive_attention, naive_attention_backward
+from helpers import make_qkv
+
+# one case of a spawned group: (strategy, layout, causal, dtype, B, H, Hkv, N, d)
+P2_CASES = [
+    ("ring", "zigzag", True, torch.float32, 1, 4, 2, 32, 16),
+    ("ring", "contiguous", True, torch.float32, 2, 2, 2, 32, 16),
+    ("ring", "zigzag", False, torch.float32, 1, 2, 2, 32, 16),
+    ("ring", "contiguous", False, torch.float32, 1, 4, 2, 32, 16),
+    ("ulysses", "contiguous", True, torch.float32, 1, 4, 2, 32, 16),
+    ("ulysses", "contiguous", False, torch.float32, 1, 2, 2, 32, 16),
+    ("ring", "zigzag", True, torch.bfloat16, 1, 2, 2, 32, 16),
+    ("ulysses", "contiguous", True, torch.bfloat16, 1, 2, 2, 32, 16),
+]
+P4_CASES = [
+    ("ring", "zigzag", True, torch.float32, 1, 4, 2, 32, 16),
+    ("ulysses", "contiguous", True, torch.float32, 1, 4, 4, 32, 16),
+]
+ATOL_FP32 = 1e-5
+ATOL_LOW = 1e-3  # bfloat16: beside twice the single-process error
+
+
+def _device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _inputs(case, seed):
+    strategy, layout, causal, dtype, B, H, Hkv, N, d = case
+    q, k, v = make_qkv(B=B, H=H, Hkv=Hkv, Nq=N, d=d, seed=seed)
+    do = make_qkv(B=B, H=H, Nq=N, d=d, seed=seed + 100)[0]
+    return q, k, v, do
+
+
+def _run_cases(rank, world_size, cases):
+    """In each rank: the shards of every case through its strategy, forward and backward; returns
+    (o, dq, dk, dv) shards on the CPU, and the errors the argument checks raised."""
+    device = _device()
+    results = []
+    for seed, case in enumerate(cases):
+        strategy, layout, causal, dtype = case[:4]
+        q, k, v, do = (
+            D.shard(t, rank, world_size, layout).to(device, dtype).requires_grad_(i < 3)
+            for i, t in enumerate(_inputs(case, seed))
+        )
+        if strategy == "ring":
+            o = D.ring_attention(q, k, v, causal=causal, layout=layout)
+        else:
+            o = D.ulysses_attention(q, k, v, causal=causal)
+        o.backward(do)
+        results.append([t.detach().cpu() for t in (o, q.grad, k.grad, v.grad)])
+    x = torch.zeros(1, 3, 3, 16, device=device)
+    errors = []
+    for call in (lambda: D.ring_attention(x, x, x, layout="zigzag"),  # N = 3P: not divisible by 2P
+                 lambda: D.ulysses_attention(x, x, x)):  # H = 3: not divisible by P
+        try:
+            call()
+        except ValueError as e:
+            errors.append(str(e))
+    return results, errors
+
+
+def _references(case, seed):
+    """(flash_attention's (o, dq, dk, dv) over the whole sequence in the case's dtype, float64's)."""
+    strategy, layout, causal, dtype = case[:4]
+    q, k, v, do = _inputs(case, seed)
+    want64 = (naive_attention(q, k, v, causal=causal),)
+    want64 += naive_attention_backward(q, k, v, want64[0], do, causal=causal)
+    q, k, v = (t.to(_device(), dtype).requires_grad_() for t in (q, k, v))
+    o = fc.flash_attention(q, k, v, causal=causal)
+    o.backward(do.to(o))
+    return [t.detach().cpu() for t in (o, q.grad, k.grad, v.grad)], want64
+
+
+def _check_group(world_size, cases):
+    results = D.launch(_run_cases, world_size, cases, timeout=90)
+    for seed, case in enumerate(cases):
+        layout, dtype = case[1], case[3]
+        flash, exact = _references(case, seed)
+        for name, got_shards, want, want64 in zip(("O", "dQ", "dK", "dV"), zip(*(r[0][seed] for r in results)),
+                                                  flash, exact):
+            got = D.unshard(got_shards, layout)
+            assert got.dtype == want.dtype and got.shape == want.shape, (case, name)
+            assert torch.isfinite(got).all(), (case, name)
+            if dtype == torch.float32:
+                err = (got - want).abs().max().item()
+                assert err <= ATOL_FP32, f"P={world_size} {case}: {name} differs from flash_attention by {err:.2e}"
+            else:
+                err = (got.double() - want64).abs().max().item()
+                base = (want.double() - want64).abs().max().item()
+                assert err <= 2 * base + ATOL_LOW, (
+                    f"P={world_size} {case}: {name} error {err:.2e} vs float64, single-process {base:.2e}"
+                )
+    for _, errors in results:
+        assert len(errors) == 2, errors
+        assert f"divisible by {2 * world_size}" in errors[0] and "layout='contiguous'" in errors[0], errors[0]
+        assert "H = 3" in errors[1], errors[1]
+
+
+@pytest.mark.timeout(120)
+def test_two_ranks_match_flash_attention():
+    _check_group(2, P2_CASES)
+
+
+@pytest.mark.timeout(150)
+def test_four_ranks_match_flash_attention():
+    _check_group(4, P4_CASES)
+
+
+# ----------------------------------------------------------------------------------------------------
+# In this process: layouts, the schedule, the fold
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_zigzag_positions():
+    # 2P = 4 chunks of 2: rank 0 holds chunks 0 and 3, rank 1 chunks 1 and 2
+    assert D.shard_positions(8, 0, 2, "zigzag").tolist() == [0, 1, 6, 7]
+    assert D.shard_positions(8, 1, 2, "zigzag").tolist() == [2, 3, 4, 5]
+    assert D.shard_positions(8, 1, 2, "contiguous").tolist() == [4, 5, 6, 7]
+
+
+@pytest.mark.parametrize("layout", D.LAYOUTS)
+@pytest.mark.parametrize("P", [1, 2, 3, 4])
+def test_shard_unshard_round_trip(layout, P):
+    x = torch.randn(2, 3, 24, 5)
+    for dim in (2, -2, 0 if P == 1 else 2):
+        shards = [D.shard(x, r, P, layout, dim=dim) for r in range(P)]
+        assert all(s.shape[dim] == x.shape[dim] // P for s in shards)
+        assert torch.equal(D.unshard(shards, layout, dim=dim), x)
+    # every position is held by exactly one rank
+    held = torch.cat([D.shard_positions(24, r, P, layout) for r in range(P)])
+    assert sorted(held.tolist()) == list(range(24))
+
+
+def test_divisibility_and_layout_errors():
+    x = torch.randn(1, 1, 6, 4)
+    with pytest.raises(ValueError, match="not divisible by 4"):
+        D.shard(x, 0, 2, "zigzag")
+    with pytest.raises(ValueError, match="not divisible by 4"):
+        D.shard(x, 0, 4, "contiguous")
+    with pytest.raises(ValueError, match="layout must be one of"):
+        D.shard(x, 0, 2, "striped")
+    with pytest.raises(ValueError, match="rank must be in"):
+        D.shard(x, 2, 2, "contiguous")
+    assert D.shard(x, 1, 3, "contiguous").shape[2] == 2
+
+
+def test_fold_is_merge_of_two_key_sets():
+    q, k, v = make_qkv(B=1, H=2, Nq=9, Nk=14, d=8)
+    O, L = naive_attention(q, k, v, return_lse=True)
+    Oa, La = naive_attention(q, k[:, :, :5], v[:, :, :5], return_lse=True)
+    Ob, Lb = naive_attention(q, k[:, :, 5:], v[:, :, 5:], return_lse=True)
+    Of, Lf = D.fold(Oa, La, Ob, Lb)
+    assert Of.dtype == torch.float32
+    torch.testing.assert_close(Of.double(), O, atol=1e-6, rtol=0)
+    torch.testing.assert_close(Lf.double(), L, atol=1e-5, rtol=0)
+    # a row that saw no key (L = −inf, O = 0) takes the other side exactly; two such rows stay empty
+    empty_O, empty_L = torch.zeros_like(Oa), torch.full_like(La, -math.inf)
+    Oe, Le = D.fold(empty_O, empty_L, Ob, Lb)
+    assert torch.equal(Oe, Ob.float()) and torch.equal(Le, Lb.float())
+    Oe, Le = D.fold(empty_O, empty_L, empty_O, empty_L)
+    assert not Oe.isnan().any() and (Oe == 0).all() and torch.isneginf(Le).all()
+
+
+@pytest.mark.parametrize("layout", D.LAYOUTS)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("P", [1, 2, 3, 4])
+def test_schedule_covers_each_visible_block_once(layout, causal, P):
+    chunks = D.num_chunks(P, layout)
+    seen = torch.zeros(chunks, chunks, dtype=torch.int64)  # (query chunk, key chunk)
+    for r in range(P):
+        mine = D.shard_chunks(r, P, layout)
+        for s, blocks in enumerate(D.ring_schedule(r, P, layout, causal)):
+            theirs = D.shard_chunks((r - s) % P, P, layout)
+            for b in blocks:
+                for a_ in mine[b.q0:b.q1]:
+                    for b_ in theirs[b.k0:b.k1]:
+                        # a causal call (step 0 only) masks the key chunks after the query chunk
+                        assert not b.causal or s == 0
+                        seen[a_, b_] += not b.causal or b_ <= a_
+    want = torch.tril(torch.ones(chunks, chunks, dtype=torch.int64)) if causal else torch.ones(chunks, chunks, dtype=torch.int64)
+    assert torch.equal(seen, want)
+
+
+def test_zigzag_balances_causal_work():
+    for P in (2, 4, 8):
+        zig, con = D.step_work(P, "zigzag"), D.step_work(P, "contiguous")
+        # zigzag: every rank does half a (N/P)² block at every step; contiguous: rank r idles after step r
+        assert torch.equal(zig, torch.full((P, P), 0.5))
+        assert con.sum() == zig.sum() and con[0, 1:].eq(0).all() and con[-1, 1:].eq(1).all()
+        # a step lasts as long as its busiest rank
+        assert con.amax(0).sum() == 0.5 + (P - 1) and zig.amax(0).sum() == 0.5 * P
+    assert torch.equal(D.step_work(3, "zigzag", causal=False), torch.ones(3, 3))
+
+
+@pytest.mark.parametrize("layout", D.LAYOUTS)
+def test_simulated_ring_matches_flash_attention(layout):
+    q, k, v = make_qkv(B=1, H=2, Hkv=1, Nq=24, d=16, dtype=torch.float32)
+    q, k, v = (t.to(_device()) for t in (q, k, v))
+    for P, causal in ((3, True), (2, False)):
+        O, L = D.simulate_ring_forward(q, k, v, P, causal=causal, layout=layout)
+        want, want_L = fc.flash_attention(q, k, v, causal=causal, return_lse=True)
+        torch.testing.assert_close(O, want, atol=ATOL_FP32, rtol=0)
+        torch.testing.assert_close(L, want_L, atol=ATOL_FP32, rtol=0)
+
+
+def test_communication_volumes():
+    kw = dict(N=1 << 20, H=16, d=128)
+    ring, uly = D.communication_bytes("ring", world_size=2, **kw), D.communication_bytes("ulysses", world_size=2, **kw)
+    # P = 2, Hkv = H: the ring sends K and V once; Ulysses sends half of q, k, v and O: the same bytes
+    assert ring.total == uly.total == 2 * 16 * (1 << 19) * 128 * 2
+    ring8, uly8 = (D.communication_bytes(s, world_size=8, **kw) for s in ("ring", "ulysses"))
+    # ring: (P − 1)·2·Hkv, Ulysses: (2H + 2Hkv)(P − 1)/P per shard: Ulysses sends 2/P as much at Hkv = H
+    assert uly8.total / ring8.total == pytest.approx(2 / 8)
+    assert ring8.rounds == 7 and uly8.rounds == 2
+    with pytest.raises(ValueError, match="strategy"):
+        D.communication_bytes("tree", world_size=2, **kw)
+    # overlap: the crossover shard length makes compute and transfer equal
+    n = D.overlap_crossover(H=16, flops_per_s=400e12, bytes_per_s=100e9)
+    t_compute, t_transfer = D.ring_step_times(round(n), H=16, d=128, flops_per_s=400e12, bytes_per_s=100e9)
+    assert t_compute == pytest.approx(t_transfer)
+
+
+def test_argument_errors_before_any_communication():
+    q = torch.zeros(1, 2, 8, 16)
+    with pytest.raises(ValueError, match="as many positions"):
+        D.ring_attention(q, q[:, :, :4], q[:, :, :4])
+    with pytest.raises(TypeError, match="float16, bfloat16 and float32"):
+        D.ulysses_attention(q.double(), q.double(), q.double())
