@@ -153,29 +153,27 @@ class Block(NamedTuple):
         return area / 2 if self.causal else area
 
 
+def _join(a: Block, b: Block) -> Optional[Block]:
+    """One full block covering the full blocks a and b, if together they form a rectangle."""
+    if a.causal or b.causal:
+        return None
+    if (a.q0, a.q1) == (b.q0, b.q1) and a.k1 == b.k0:
+        return Block(a.q0, a.q1, a.k0, b.k1, False)
+    if (a.k0, a.k1) == (b.k0, b.k1) and a.q1 == b.q0:
+        return Block(a.q0, b.q1, a.k0, a.k1, False)
+    return None
+
+
 def _merge_blocks(blocks: List[Block]) -> List[Block]:
-    """Join full blocks that share their query chunks and have adjacent key chunks, or the other way
-    round, so that one kernel call does both."""
-    blocks = list(blocks)
-    joined = True
-    while joined:
-        joined = False
-        for i, a in enumerate(blocks):
-            for j, b in enumerate(blocks):
-                if i == j or a.causal or b.causal:
-                    continue
-                if (a.q0, a.q1) == (b.q0, b.q1) and a.k1 == b.k0:
-                    new = Block(a.q0, a.q1, a.k0, b.k1, False)
-                elif (a.k0, a.k1) == (b.k0, b.k1) and a.q1 == b.q0:
-                    new = Block(a.q0, b.q1, a.k0, a.k1, False)
-                else:
-                    continue
-                blocks = [x for n, x in enumerate(blocks) if n not in (i, j)] + [new]
-                joined = True
-                break
-            if joined:
-                break
-    return sorted(blocks)
+    """Fewer kernel calls: neighbouring full blocks (in sorted order) that form a rectangle become one."""
+    merged = []
+    for blk in sorted(blocks):
+        joined = _join(merged[-1], blk) if merged else None
+        if joined is None:
+            merged.append(blk)
+        else:
+            merged[-1] = joined
+    return merged
 
 
 def ring_schedule(rank: int, world_size: int, layout: str = "zigzag", causal: bool = True) -> List[List[Block]]:
@@ -536,6 +534,25 @@ def overlap_crossover(*, H: int, Hkv: Optional[int] = None, causal: bool = True,
     Hkv = H if Hkv is None else Hkv
     f = 0.5 if causal else 1.0
     return Hkv * element_size * flops_per_s / (2 * f * H * bytes_per_s)
+
+
+def example_rank(rank: int, world_size: int, q, k, v, dO, causal: bool = True) -> dict:
+    """One rank's part of chapter 11's demonstration: ring attention in both layouts and Ulysses on this
+    rank's shards of the whole sequence (q, k, v), forward and backward with dO.
+
+    Returns {"ring-zigzag" | "ring-contiguous" | "ulysses": [O, dQ, dK, dV]}, this rank's shards on the CPU.
+    """
+    out = {}
+    for name in ("ring-zigzag", "ring-contiguous", "ulysses"):
+        layout = "zigzag" if name == "ring-zigzag" else "contiguous"
+        q_r, k_r, v_r = (shard(t, rank, world_size, layout).requires_grad_() for t in (q, k, v))
+        if name == "ulysses":
+            o = ulysses_attention(q_r, k_r, v_r, causal=causal)
+        else:
+            o = ring_attention(q_r, k_r, v_r, causal=causal, layout=layout)
+        o.backward(shard(dO, rank, world_size, layout))
+        out[name] = [t.detach().cpu() for t in (o, q_r.grad, k_r.grad, v_r.grad)]
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------

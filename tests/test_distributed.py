@@ -208,6 +208,8 @@ def test_zigzag_balances_causal_work():
         # a step lasts as long as its busiest rank
         assert con.amax(0).sum() == 0.5 + (P - 1) and zig.amax(0).sum() == 0.5 * P
     assert torch.equal(D.step_work(3, "zigzag", causal=False), torch.ones(3, 3))
+    # and each zigzag step is one kernel call: the two chunk-pairs form one rectangle
+    assert all(len(blocks) == 1 for r in range(4) for blocks in D.ring_schedule(r, 4, "zigzag"))
 
 
 @pytest.mark.parametrize("layout", D.LAYOUTS)
