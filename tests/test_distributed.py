@@ -1,7 +1,8 @@
 """Ring attention and Ulysses (flashcourse.distributed) against single-process flash_attention.
 
-The layout, schedule and fold tests run in this process. The strategies run in 2 and 4 processes
-joined by gloo (``distributed.launch``), each group checking several cases to pay its start-up once.
+The layout, schedule and fold tests run in this process. The strategies run in 4 processes joined by
+gloo (``distributed.launch``), started once for all cases: two groups of 2 ranks ({0, 1} and {2, 3},
+whose group ranks differ from their global ones) split the 2-rank cases, then all 4 run theirs.
 On a GPU machine the ranks share the one GPU: their tensors are on cuda:0 and gloo stages the
 transfers through CPU memory. float32 must match flash_attention over the whole sequence to 1e-5 (on
 a GPU with IEEE float32 matmuls, PyTorch's default "highest" precision); bfloat16 follows flash-attn's
@@ -13,6 +14,7 @@ import math
 
 import pytest
 import torch
+import torch.distributed as dist
 
 import flashcourse as fc
 from flashcourse import distributed as D
@@ -36,6 +38,8 @@ P4_CASES = [
 ]
 ATOL_FP32 = 1e-5
 ATOL_LOW = 1e-3  # bfloat16: beside twice the single-process error
+# a rank that waits longer than this for a peer fails; on a GPU the first calls also compile kernels
+LAUNCH_TIMEOUT_S = 300 if torch.cuda.is_available() else 90
 
 
 def _device() -> str:
@@ -49,24 +53,34 @@ def _inputs(case, seed):
     return q, k, v, do
 
 
-def _run_cases(rank, world_size, cases):
-    """In each rank: the shards of every case through its strategy, forward and backward; returns
-    (o, dq, dk, dv) shards on the CPU, and the errors the argument checks raised."""
+def _attend(strategy, q, k, v, causal, layout, group=None, communicate=True):
+    if strategy == "ring":
+        return D.ring_attention(q, k, v, causal=causal, layout=layout, group=group, communicate=communicate)
+    return D.ulysses_attention(q, k, v, causal=causal, group=group, communicate=communicate)
+
+
+def _run_cases(rank, world_size, cases, group=None):
+    """In one rank of ``group``: each (seed, case) through its strategy, forward and backward. Returns
+    {seed: (o, dq, dk, dv) shards on the CPU}, and O without the transfers for the first case."""
     device = _device()
-    results = []
-    for seed, case in enumerate(cases):
+    results, wrong = {}, None
+    for seed, case in cases:
         strategy, layout, causal, dtype = case[:4]
         q, k, v, do = (
             D.shard(t, rank, world_size, layout).to(device, dtype).requires_grad_(i < 3)
             for i, t in enumerate(_inputs(case, seed))
         )
-        if strategy == "ring":
-            o = D.ring_attention(q, k, v, causal=causal, layout=layout)
-        else:
-            o = D.ulysses_attention(q, k, v, causal=causal)
+        o = _attend(strategy, q, k, v, causal, layout, group=group)
         o.backward(do)
-        results.append([t.detach().cpu() for t in (o, q.grad, k.grad, v.grad)])
-    x = torch.zeros(1, 3, 3, 16, device=device)
+        results[seed] = [t.detach().cpu() for t in (o, q.grad, k.grad, v.grad)]
+        if wrong is None:  # without the transfers the same kernels must give a wrong answer: the check can fail
+            wrong = _attend(strategy, q, k, v, causal, layout, group=group, communicate=False).detach().cpu()
+    return results, wrong
+
+
+def _argument_errors():
+    """The messages of the divisibility checks that need the group's size."""
+    x = torch.zeros(1, 3, 3, 16, device=_device())
     errors = []
     for call in (lambda: D.ring_attention(x, x, x, layout="zigzag"),  # N = 3P: not divisible by 2P
                  lambda: D.ulysses_attention(x, x, x)):  # H = 3: not divisible by P
@@ -74,7 +88,25 @@ def _run_cases(rank, world_size, cases):
             call()
         except ValueError as e:
             errors.append(str(e))
-    return results, errors
+    return errors
+
+
+def _four_ranks(rank, world_size):
+    """Ranks {0, 1} and {2, 3} each run half of P2_CASES in their own group (the group ranks differ from
+    the global ones for {2, 3}); then all four run P4_CASES."""
+    pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+    half = rank // 2
+    return dict(
+        pair=_run_cases(rank % 2, 2, list(enumerate(P2_CASES))[half::2], group=pairs[half]),
+        world=_run_cases(rank, 4, list(enumerate(P4_CASES))),
+        errors=_argument_errors(),
+    )
+
+
+@pytest.fixture(scope="module")
+def four_ranks():
+    """What each of 4 gloo ranks returned (one start-up for all the multi-process checks)."""
+    return D.launch(_four_ranks, 4, timeout=LAUNCH_TIMEOUT_S)
 
 
 def _references(case, seed):
@@ -89,39 +121,44 @@ def _references(case, seed):
     return [t.detach().cpu() for t in (o, q.grad, k.grad, v.grad)], want64
 
 
-def _check_group(world_size, cases):
-    results = D.launch(_run_cases, world_size, cases, timeout=90)
-    for seed, case in enumerate(cases):
+def _check(P, cases, rank_results):
+    """Glue each case's shards (rank_results: one (results, wrong) per rank, in group order) and
+    compare with flash_attention over the whole sequence."""
+    for seed, case in cases:
         layout, dtype = case[1], case[3]
         flash, exact = _references(case, seed)
-        for name, got_shards, want, want64 in zip(("O", "dQ", "dK", "dV"), zip(*(r[0][seed] for r in results)),
-                                                  flash, exact):
-            got = D.unshard(got_shards, layout)
+        for i, (name, want, want64) in enumerate(zip(("O", "dQ", "dK", "dV"), flash, exact)):
+            got = D.unshard([r[0][seed][i] for r in rank_results], layout)
             assert got.dtype == want.dtype and got.shape == want.shape, (case, name)
             assert torch.isfinite(got).all(), (case, name)
             if dtype == torch.float32:
                 err = (got - want).abs().max().item()
-                assert err <= ATOL_FP32, f"P={world_size} {case}: {name} differs from flash_attention by {err:.2e}"
+                assert err <= ATOL_FP32, f"P={P} {case}: {name} differs from flash_attention by {err:.2e}"
             else:
                 err = (got.double() - want64).abs().max().item()
                 base = (want.double() - want64).abs().max().item()
-                assert err <= 2 * base + ATOL_LOW, (
-                    f"P={world_size} {case}: {name} error {err:.2e} vs float64, single-process {base:.2e}"
-                )
-    for _, errors in results:
-        assert len(errors) == 2, errors
-        assert f"divisible by {2 * world_size}" in errors[0] and "layout='contiguous'" in errors[0], errors[0]
-        assert "H = 3" in errors[1], errors[1]
+                assert err <= 2 * base + ATOL_LOW, f"P={P} {case}: {name} error {err:.2e} vs float64, single-process {base:.2e}"
+    seed, case = cases[0]
+    wrong = D.unshard([r[1] for r in rank_results], case[1])
+    assert (wrong - _references(case, seed)[0][0]).abs().max() > 0.01, f"{case}: communicate=False gave the right O"
 
 
-@pytest.mark.timeout(120)
-def test_two_ranks_match_flash_attention():
-    _check_group(2, P2_CASES)
+@pytest.mark.timeout(LAUNCH_TIMEOUT_S + 60)
+def test_two_ranks_match_flash_attention(four_ranks):
+    for half in (0, 1):
+        _check(2, list(enumerate(P2_CASES))[half::2], [r["pair"] for r in four_ranks[2 * half:2 * half + 2]])
 
 
-@pytest.mark.timeout(150)
-def test_four_ranks_match_flash_attention():
-    _check_group(4, P4_CASES)
+@pytest.mark.timeout(LAUNCH_TIMEOUT_S + 60)
+def test_four_ranks_match_flash_attention(four_ranks):
+    _check(4, list(enumerate(P4_CASES)), [r["world"] for r in four_ranks])
+
+
+def test_divisibility_errors_in_a_group(four_ranks):
+    for r in four_ranks:
+        ring_error, ulysses_error = r["errors"]
+        assert "divisible by 8" in ring_error and "layout='contiguous'" in ring_error, ring_error
+        assert "H = 3" in ulysses_error, ulysses_error
 
 
 # ----------------------------------------------------------------------------------------------------
