@@ -14,7 +14,8 @@ Shape of issue 17: B = 1, H = 16, d = 128, causal, bfloat16, N in {32k, 128k, 51
    transfer time that overlap hides = 1 − (T_P − T_P without communication) / (transfer time alone).
 3. OUT_DIR/ring.json (provenance and every number) and OUT_DIR/ring.md (the tables).
 
-A size whose predicted time (the previous size's, times the growth of N²) would pass ``--budget-s``
+A size whose predicted time (the previous size's, times the growth of N² and of the runs per
+measurement) would pass ``--budget-s``
 is skipped with a note, so the run ends in time (about 5–7 minutes on 2 H100s, compilation included).
 
     python3 benchmarks/ring.py OUT_DIR                       # the recorded run, 2 GPUs
@@ -226,24 +227,25 @@ def bench_rank(rank, P, cfg):
     for row in result["correctness"]:
         log(f"  {row['strategy']:16s} {row['tensor']:3s} err {row['err']:.2e}  single-GPU {row['single_gpu_err']:.2e}"
             f"  {'ok' if row['ok'] else 'FAIL'}")
-    previous = None  # (N, seconds) of the last size measured
+    previous = None  # (N, seconds, runs per measurement) of the last size measured
     for N in cfg["sizes"]:
         elapsed = max_over_ranks([time.perf_counter() - start])[0]
+        reps = cfg["reps"] if N <= 131072 else max(1, cfg["reps"] // 2)
+        # warm-ups at the first size only: every N >= 32k shares the kernels' autotuning key
+        warm = N == cfg["sizes"][0] or N < 32768
+        runs = reps + warm
         if previous is not None:
-            predicted = previous[1] * (N / previous[0]) ** 2
+            predicted = previous[1] * (N / previous[0]) ** 2 * runs / previous[2]
             if elapsed + predicted > cfg["budget_s"]:
                 note = f"N = {N} skipped: predicted {predicted:.0f} s would pass the {cfg['budget_s']:.0f} s budget"
                 log(note)
                 result["notes"].append(note)
                 continue
         size_start = time.perf_counter()
-        reps = cfg["reps"] if N <= 131072 else max(1, cfg["reps"] // 2)
         row = dict(N=N, P=P, B=B, H=H, Hkv=Hkv, d=d, reps=reps)
         # T₁: every rank runs it on its own GPU at once (no communication); rank 0's numbers are reported
         single_bytes = (8 * 2 + 8) * B * H * N * d
         fit1 = max_over_ranks([0.0 if fits(single_bytes) else 1.0])[0] == 0.0
-        # warm-ups at the first size only: every N >= 32k shares the kernels' autotuning key
-        warm = N == cfg["sizes"][0] or N < 32768
         if fit1:
             if warm:
                 single_gpu(cfg, N, 1)
@@ -259,7 +261,7 @@ def bench_rank(rank, P, cfg):
                            T1_peak_gib=None)
                 result["notes"].append(f"N = {N}: T1 estimated from N = {base['N']} times (N ratio)^2 = {f:.0f}: "
                                        f"one GPU cannot hold it")
-        log(f"N = {N}: T1 fwd {row['T1_fwd_ms']} ms, fwd+bwd {row['T1_ms']} ms"
+        log(f"N = {N}: T1 fwd {fmt(row['T1_fwd_ms'])} ms, fwd+bwd {fmt(row['T1_ms'])} ms"
             + (" (estimated)" if row["T1_estimated"] else ""))
         row["strategies"] = {}
         shard_bytes = 48 * B * H * (N // P) * d
@@ -297,7 +299,7 @@ def bench_rank(rank, P, cfg):
                     s["hidden"] = 1 - max(s["ms"] - s["ms_nocomm"], 0) / alone
             log(f"  one K/V hop {kv_ms:.2f} ms ({row['kv_hop_gb_per_s']:.0f} GB/s), one dK/dV hop {grad_ms:.2f} ms")
         result["sizes"].append(row)
-        previous = (N, max_over_ranks([time.perf_counter() - size_start])[0])
+        previous = (N, max_over_ranks([time.perf_counter() - size_start])[0], runs)
     if rank == 0 and DEVICE == "cuda":
         result["devices"] = [torch.cuda.get_device_name(i) for i in range(P)]
         result["nccl"] = ".".join(map(str, torch.cuda.nccl.version()))

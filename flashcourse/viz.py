@@ -467,22 +467,24 @@ def plot_ring_overlap(*, H: int = 16, Hkv: Optional[int] = None, d: int = 128, f
 def plot_ring_benchmark(result: dict):
     """The recorded run of ``benchmarks/ring.py`` (its ring.json, loaded): scaling efficiency and
     fwd+bwd time with and without communication, per N and strategy."""
-    sizes = result["sizes"]
+    sizes = [r for r in result["sizes"] if r["strategies"]]
     strategies = list(sizes[0]["strategies"]) if sizes else []
     fig, (a0, a1) = plt.subplots(1, 2, figsize=(12, 4.2))
     width = 0.8 / max(len(strategies), 1)
     for i, name in enumerate(strategies):
         xs = [j + i * width for j in range(len(sizes))]
-        a0.bar(xs, [r["strategies"][name].get("efficiency") or 0 for r in sizes], width, label=name)
+        a0.bar(xs, [r["strategies"][name].get("efficiency") or 0 for r in sizes], width, label=name)  # 0: no T₁
         a1.bar(xs, [r["strategies"][name]["ms"] for r in sizes], width, color=f"C{i}", label=f"{name}")
         a1.bar(xs, [r["strategies"][name]["ms_nocomm"] for r in sizes], width * 0.4, color="k", alpha=0.5,
                label="without communication" if i == 0 else None)
-    labels = [f"{r['N'] // 1024}k" + (" (T₁ est.)" if r["T1_estimated"] else "") for r in sizes]
+    labels = [(f"{r['N'] // 1024}k" if r["N"] >= 1024 else str(r["N"])) + (" (T₁ est.)" if r["T1_estimated"] else "")
+              for r in sizes]
     for ax in (a0, a1):
         ax.set_xticks([j + width * (len(strategies) - 1) / 2 for j in range(len(sizes))], labels)
         ax.legend(fontsize=8)
     a0.axhline(1.0, color="k", ls=":")
-    devices = ", ".join(result.get("devices", []))
+    devices = result.get("devices") or ["?"]
+    devices = f"{len(devices)} × {devices[0]}" if len(set(devices)) == 1 else ", ".join(devices)
     _style(a0, "sequence length N", "scaling efficiency T₁ / (P · T_P)", f"fwd+bwd, causal, bf16 — {devices}")
     a1.set_yscale("log")
     _style(a1, "sequence length N", "fwd+bwd time, slowest rank (ms)", "with and without the transfers")
