@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 import flashcourse as fc
 from flashcourse import distributed as D
+from flashcourse._env import resolve_device
 from flashcourse.reference import naive_attention, naive_attention_backward
 from helpers import make_qkv
 
@@ -43,7 +44,8 @@ LAUNCH_TIMEOUT_S = 300 if torch.cuda.is_available() else 90
 
 
 def _device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    """The package's device policy (the ``device`` fixture's), also inside the spawned ranks."""
+    return resolve_device(None).type
 
 
 def _inputs(case, seed):
@@ -250,9 +252,9 @@ def test_zigzag_balances_causal_work():
 
 
 @pytest.mark.parametrize("layout", D.LAYOUTS)
-def test_simulated_ring_matches_flash_attention(layout):
+def test_simulated_ring_matches_flash_attention(layout, device):
     q, k, v = make_qkv(B=1, H=2, Hkv=1, Nq=24, d=16, dtype=torch.float32)
-    q, k, v = (t.to(_device()) for t in (q, k, v))
+    q, k, v = (t.to(device) for t in (q, k, v))
     for P, causal in ((3, True), (2, False)):
         O, L = D.simulate_ring_forward(q, k, v, P, causal=causal, layout=layout)
         want, want_L = fc.flash_attention(q, k, v, causal=causal, return_lse=True)
