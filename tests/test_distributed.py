@@ -285,3 +285,16 @@ def test_argument_errors_before_any_communication():
         D.ring_attention(q, q[:, :, :4], q[:, :, :4])
     with pytest.raises(TypeError, match="float16, bfloat16 and float32"):
         D.ulysses_attention(q.double(), q.double(), q.double())
+
+
+def test_chapter_figures_have_labelled_axes():
+    import matplotlib.pyplot as plt
+
+    from flashcourse import viz
+
+    s = dict(ms=10.0, ms_nocomm=8.0, efficiency=0.9)
+    run = dict(devices=["GPU", "GPU"], sizes=[dict(N=32768, T1_estimated=False, strategies={"ring-zigzag": s}),
+                                             dict(N=65536, T1_estimated=True, strategies={})])
+    for fig in (viz.plot_ring_balance(4), viz.plot_ring_overlap(H=8, Hkv=2), viz.plot_ring_benchmark(run)):
+        assert all(ax.get_xlabel() and ax.get_ylabel() for ax in fig.axes)
+        plt.close(fig)
