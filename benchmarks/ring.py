@@ -220,7 +220,10 @@ def bench_rank(rank, P, cfg):
     DEVICE = cfg["device"]
     start = time.perf_counter()
     B, H, Hkv, d = cfg["B"], cfg["H"], cfg["Hkv"], cfg["d"]
-    log = (lambda *a: print(f"[{time.perf_counter() - start:6.1f} s]", *a, flush=True)) if rank == 0 else (lambda *a: None)
+    def log(*a):
+        if rank == 0:
+            print(f"[{time.perf_counter() - start:6.1f} s]", *a, flush=True)
+
     dist.barrier()
     log(f"{P} ranks up; correctness at N = {cfg['sizes'][0]}")
     result = dict(config=cfg, correctness=correctness(rank, P, cfg, cfg["sizes"][0]), sizes=[], notes=[])
@@ -320,7 +323,8 @@ def markdown(info, result):
               f"- command: `{info['command']}`",
               f"- shape: B = {cfg['B']}, H = {cfg['H']}, d = {cfg['d']}, causal, bfloat16; NCCL_NVLS_ENABLE=0", ""]
     lines += ["## Correctness at the smallest N (against a float32 reference; pass: error ≤ 2 × single-GPU + 1e-3)", "",
-              "| strategy | tensor | max error | single-GPU bf16 error | max diff to single GPU | pass |", "|---|---|---|---|---|---|"]
+              "| strategy | tensor | max error | single-GPU bf16 error | max diff to single GPU | pass |",
+              "|---|---|---|---|---|---|"]
     lines += [f"| {r['strategy']} | {r['tensor']} | {r['err']:.2e} | {r['single_gpu_err']:.2e} | "
               f"{r['diff_to_single_gpu']:.2e} | {'yes' if r['ok'] else 'NO'} |" for r in result["correctness"]]
     lines += ["", "## Time (ms, slowest rank, median), scaling efficiency T₁ / (P · T_P), overlap, memory", "",

@@ -119,7 +119,7 @@ def fold(O: torch.Tensor, L: torch.Tensor, O_b: torch.Tensor, L_b: torch.Tensor)
     """The (O, L) of the union of two disjoint key sets from the (O, L) of each; float32.
 
     O (..., r, d), L (..., r). This is ``merge_states`` on finalized states: with m = max(L, L_b),
-    O_new = (e^(L − m) O + e^(L_b − m) O_b) / (e^(L − m) + e^(L_b − m)) and L_new = m + log(e^(L − m) + e^(L_b − m)).
+    α = e^(L − m) and β = e^(L_b − m), O_new = (α O + β O_b) / (α + β) and L_new = m + log(α + β).
     A row with L = −inf (it saw no key yet) takes the other side; two −inf rows stay (0, −inf).
     """
     merged = merge_states(_as_state(O.float(), L.float()), _as_state(O_b.float(), L_b.float()))
@@ -208,11 +208,9 @@ def step_work(world_size: int, layout: str = "zigzag", causal: bool = True) -> t
 
     A step lasts as long as its busiest rank, so Σ_s max_r work[r, s] models the ring's time.
     """
-    chunks_per_shard = num_chunks(world_size, layout) // world_size
-    return torch.tensor(
-        [[sum(b.work() for b in blocks) / chunks_per_shard**2 for blocks in ring_schedule(r, world_size, layout, causal)]
-         for r in range(world_size)]
-    )
+    unit = (num_chunks(world_size, layout) // world_size) ** 2  # chunk² per (N/P)²
+    return torch.tensor([[sum(b.work() for b in blocks) / unit for blocks in ring_schedule(r, world_size, layout, causal)]
+                         for r in range(world_size)])
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -371,7 +369,10 @@ def _ring_backward(q, k, v, o, L, dO, causal, scale, group, layout, communicate)
             dK_prev, dV_prev = grads.wait()
             dK_j += dK_prev
             dV_j += dV_prev
-        grads = ring_send_recv([dK_j, dV_j], group, _GRAD_TAG) if communicate else Transfer([], None, [dK_j, dV_j], q.device)
+        if communicate:
+            grads = ring_send_recv([dK_j, dV_j], group, _GRAD_TAG)
+        else:
+            grads = Transfer([], None, [dK_j, dV_j], q.device)  # kept home
         if transfer is not None:
             K_j, V_j = transfer.wait()
     # one last hop: rank r receives the complete dK/dV of its own shard from rank r − 1

@@ -139,7 +139,9 @@ def _check(P, cases, rank_results):
             else:
                 err = (got.double() - want64).abs().max().item()
                 base = (want.double() - want64).abs().max().item()
-                assert err <= 2 * base + ATOL_LOW, f"P={P} {case}: {name} error {err:.2e} vs float64, single-process {base:.2e}"
+                assert err <= 2 * base + ATOL_LOW, (
+                    f"P={P} {case}: {name} error {err:.2e} vs float64, single-process {base:.2e}"
+                )
     seed, case = cases[0]
     wrong = D.unshard([r[1] for r in rank_results], case[1])
     assert (wrong - _references(case, seed)[0][0]).abs().max() > 0.01, f"{case}: communicate=False gave the right O"
@@ -234,7 +236,8 @@ def test_schedule_covers_each_visible_block_once(layout, causal, P):
                         # a causal call (step 0 only) masks the key chunks after the query chunk
                         assert not b.causal or s == 0
                         seen[a_, b_] += not b.causal or b_ <= a_
-    want = torch.tril(torch.ones(chunks, chunks, dtype=torch.int64)) if causal else torch.ones(chunks, chunks, dtype=torch.int64)
+    everything = torch.ones(chunks, chunks, dtype=torch.int64)
+    want = torch.tril(everything) if causal else everything
     assert torch.equal(seen, want)
 
 
