@@ -220,13 +220,22 @@ def bench_rank(rank, P, cfg):
     DEVICE = cfg["device"]
     start = time.perf_counter()
     B, H, Hkv, d = cfg["B"], cfg["H"], cfg["Hkv"], cfg["d"]
+
     def log(*a):
         if rank == 0:
             print(f"[{time.perf_counter() - start:6.1f} s]", *a, flush=True)
 
     dist.barrier()
+    result = dict(config={k: v for k, v in cfg.items() if k not in ("out_dir", "provenance")}, sizes=[], notes=[])
+    if DEVICE == "cuda":
+        result.update(devices=[torch.cuda.get_device_name(i) for i in range(P)],
+                      nccl=".".join(map(str, torch.cuda.nccl.version())))
+    else:
+        result.update(devices=["CPU (gloo, Triton interpreter)"] * P, nccl=None)
     log(f"{P} ranks up; correctness at N = {cfg['sizes'][0]}")
-    result = dict(config=cfg, correctness=correctness(rank, P, cfg, cfg["sizes"][0]), sizes=[], notes=[])
+    result["correctness"] = correctness(rank, P, cfg, cfg["sizes"][0])
+    if rank == 0:
+        write(cfg["out_dir"], cfg["provenance"], result)
     for row in result["correctness"]:
         log(f"  {row['strategy']:16s} {row['tensor']:3s} err {row['err']:.2e}  single-GPU {row['single_gpu_err']:.2e}"
             f"  {'ok' if row['ok'] else 'FAIL'}")
@@ -302,13 +311,17 @@ def bench_rank(rank, P, cfg):
                     s["hidden"] = 1 - max(s["ms"] - s["ms_nocomm"], 0) / alone
             log(f"  one K/V hop {kv_ms:.2f} ms ({row['kv_hop_gb_per_s']:.0f} GB/s), one dK/dV hop {grad_ms:.2f} ms")
         result["sizes"].append(row)
+        if rank == 0:  # after every size: a run cut short keeps what it measured
+            write(cfg["out_dir"], cfg["provenance"], result)
         previous = (N, max_over_ranks([time.perf_counter() - size_start])[0], runs)
-    if rank == 0 and DEVICE == "cuda":
-        result["devices"] = [torch.cuda.get_device_name(i) for i in range(P)]
-        result["nccl"] = ".".join(map(str, torch.cuda.nccl.version()))
-    elif rank == 0:
-        result["devices"], result["nccl"] = ["CPU (gloo, Triton interpreter)"] * P, None
     return result if rank == 0 else None
+
+
+def write(out_dir, info, result):
+    """OUT_DIR/ring.json (provenance and every number) and OUT_DIR/ring.md (the tables)."""
+    out_dir = Path(out_dir)
+    (out_dir / "ring.json").write_text(json.dumps(dict(provenance=info, **result), indent=1))
+    (out_dir / "ring.md").write_text(markdown(info, result))
 
 
 def fmt(x, spec=".1f"):
@@ -342,9 +355,8 @@ def markdown(info, result):
         if "kv_hop_ms" in row:
             lines.append(f"| {row['N']} | one K/V hop | | {row['kv_hop_ms']:.2f} ({row['kv_hop_gb_per_s']:.0f} GB/s) "
                          f"| | | | | | one dK/dV hop {row['grad_hop_ms']:.2f} | | |")
-    lines += ["", "T₁: single-GPU flash_attention (peak "
-              + ", ".join(f"{r['T1_peak_gib']:.2f} GiB at N = {r['N']}" for r in result["sizes"] if r["T1_peak_gib"])
-              + "). no comm: the same kernels with `communicate=False`. hidden: 1 − (T_P − T_P no comm) / comm alone "
+    peaks = ", ".join(f"{r['T1_peak_gib']:.2f} GiB at N = {r['N']}" for r in result["sizes"] if r["T1_peak_gib"])
+    lines += ["", "T₁: single-GPU flash_attention" + (f" (peak {peaks})" if peaks else "") + ". no comm: the same kernels with `communicate=False`. hidden: 1 − (T_P − T_P no comm) / comm alone "
               "(ring only; Ulysses' all-to-alls cannot overlap its attention)."]
     lines += [f"- {n}" for n in result["notes"]]
     return "\n".join(lines) + "\n"
@@ -370,14 +382,15 @@ def main(argv=None):
     if any(n % (2 * P) for n in cfg["sizes"]):
         sys.exit(f"every N must be divisible by 2P = {2 * P} (the zigzag layout)")
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    cfg.update(sizes=sorted(cfg["sizes"]), reps=args.reps, budget_s=args.budget_s)
-    info = provenance(shlex.join([sys.executable, *sys.argv]))
-    backend = "gloo" if args.cpu else "nccl"
-    result = D.launch(bench_rank, P, cfg, backend=backend, timeout=args.budget_s + 240)[0]
-    (args.out_dir / "ring.json").write_text(json.dumps(dict(provenance=info, **result), indent=1))
-    text = markdown(info, result)
-    (args.out_dir / "ring.md").write_text(text)
-    print(text)
+    # the command as run, without this machine's output path
+    argv = ["OUT_DIR" if a == str(args.out_dir) else a for a in (argv if argv is not None else sys.argv[1:])]
+    info = provenance(shlex.join(["python3", "benchmarks/ring.py", *argv]))
+    cfg.update(sizes=sorted(cfg["sizes"]), reps=args.reps, budget_s=args.budget_s, out_dir=str(args.out_dir),
+               provenance=info)
+    # the ranks stop (TimeoutError) well before a 10-minute limit on the command
+    result = D.launch(bench_rank, P, cfg, backend="gloo" if args.cpu else "nccl", timeout=args.budget_s + 150)[0]
+    write(args.out_dir, info, result)
+    print((args.out_dir / "ring.md").read_text())
     ok = all(r["ok"] for r in result["correctness"])
     print("correctness:", "all pass" if ok else "SOME FAIL")
     return 0 if ok else 1
