@@ -10,6 +10,8 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from ._env import factory_device
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -28,15 +30,21 @@ def _describe(t: torch.Tensor) -> str:
     return f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
 
 
-def check_tensor(name: str, t, want: str = "(B, H, N, d)") -> None:
-    """One tensor: a 4-d floating-point ``torch.Tensor`` with no empty dimension."""
+def check_float_tensor(name: str, t, want: str) -> None:
+    """A floating-point ``torch.Tensor`` (not a list, not integers); ``want`` describes its shape."""
     if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor of shape {want}, got {type(t).__name__}")
+        hint = f"; make one with torch.tensor({name})" if isinstance(t, (list, tuple)) else ""
+        raise TypeError(f"{name} must be a torch.Tensor of shape {want}, got {type(t).__name__}{hint}")
     if t.dtype not in FLOAT_DTYPES:
         raise TypeError(
             f"{name} must be a floating-point tensor (float16, bfloat16, float32 or float64), "
             f"got {t.dtype}; convert it with {name}.float()"
         )
+
+
+def check_tensor(name: str, t, want: str = "(B, H, N, d)") -> None:
+    """One tensor: a 4-d floating-point ``torch.Tensor`` with no empty dimension."""
+    check_float_tensor(name, t, want)
     if t.dim() != 4:
         raise ValueError(
             f"{name} must have 4 dimensions {want}, got {t.dim()} ({_describe(t)}); "
@@ -117,8 +125,23 @@ def causal_offset(Nq: int, Nk: int) -> int:
     return Nk - Nq
 
 
+def check_length(name: str, n) -> int:
+    """A sequence length: an int >= 1, like every size of an attention input."""
+    if isinstance(n, bool) or not isinstance(n, (numbers.Integral, torch.SymInt)):
+        raise TypeError(f"{name} must be an int (a number of tokens), got {n!r} ({type(n).__name__})")
+    if n < 1:
+        raise ValueError(f"{name} must be >= 1 (a number of tokens), got {n}")
+    return n
+
+
 def causal_mask(Nq: int, Nk: int, device=None) -> torch.Tensor:
-    """Boolean (Nq, Nk) mask, True where query i may attend to key j (bottom-right aligned)."""
+    """Boolean (Nq, Nk) mask, True where query i may attend to key j (bottom-right aligned).
+
+    ``device`` as in ``torch.arange`` (None: PyTorch's default device, normally the CPU).
+    """
+    check_length("Nq", Nq)
+    check_length("Nk", Nk)
+    device = factory_device(device)
     i = torch.arange(Nq, device=device)[:, None]
     j = torch.arange(Nk, device=device)[None, :]
     return j <= i + causal_offset(Nq, Nk)

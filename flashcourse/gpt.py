@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import trange
 
+from ._env import factory_device, resolve_device
 from .nn import MultiHeadAttention
 
 
@@ -55,8 +56,10 @@ def copy_batch(config: GPTConfig, generator: Optional[torch.Generator] = None, d
     """A batch of the copy task: idx (batch_size, block_size) and targets of the same shape.
 
     The sequence is x_1 .. x_L, SEP, x_1 .. x_L; the model reads all but its last token and is
-    scored only on the copy: targets are −1 (ignored) before the separator.
+    scored only on the copy: targets are −1 (ignored) before the separator. ``device``: where the
+    batch goes (None: PyTorch's default device).
     """
+    device = factory_device(device)
     L = config.copy_len
     x = torch.randint(config.n_symbols, (config.batch_size, L), generator=generator)
     sep = torch.full((config.batch_size, 1), config.n_symbols)
@@ -113,9 +116,10 @@ def train(config: GPTConfig, backend: str = "flash", steps: int = 100, seed: int
     """Train a fresh GPT on the copy task; return the loss of every step.
 
     The same ``seed`` gives the same initial weights and the same batches whatever the backend, so
-    the curves of two backends differ only by floating-point rounding. ``progress`` shows a tqdm bar.
+    the curves of two backends differ only by floating-point rounding. ``device``: "cpu", "cuda", ...;
+    None takes the GPU when there is one. ``progress`` shows a tqdm bar.
     """
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(device)
     with torch.random.fork_rng(devices=[]):  # leave the caller's random state alone
         torch.manual_seed(seed)
         model = GPT(config, backend).to(device)

@@ -2,13 +2,17 @@
 
 It materialises the full score matrix S and probability matrix P, (B, H, Nq, Nk) each, so its memory
 grows as N². It computes in float32 (float64 for float64 inputs) and returns the input's dtype.
+
+Non-finite inputs propagate as in PyTorch's ``scaled_dot_product_attention``: a row whose scores hold
++inf or NaN (e.g. from an inf in k) gets O = NaN; a score of −inf only hides its key.
 """
 
 from typing import Optional
 
 import torch
 
-from ._checks import causal_mask, check_attention_inputs, check_like, compute_dtype, expand_kv, reduce_kv, softmax_scale
+from ._checks import (causal_mask, check_attention_inputs, check_flag, check_like, compute_dtype, expand_kv, reduce_kv,
+                      softmax_scale)
 
 
 def _scores_and_probabilities(q, k, causal: bool, scale: float):
@@ -23,8 +27,9 @@ def _scores_and_probabilities(q, k, causal: bool, scale: float):
         S = S.masked_fill(~causal_mask(Nq, K.shape[2], device=q.device), float("-inf"))
     # L_i = log Σ_j exp(S_ij)                                   (B, H, Nq); -inf for a row with no key
     L = torch.logsumexp(S, dim=-1)
-    # P_ij = exp(S_ij − L_i); a row with no key has P = 0 (not exp(-inf + inf) = NaN)
-    P = torch.exp(S - torch.where(torch.isinf(L), 0.0, L)[..., None])
+    # P_ij = exp(S_ij − L_i); a row with no key has P = 0 (not exp(-inf + inf) = NaN), a row with a
+    # +inf or NaN score has P = NaN (L_i = +inf or NaN), as in SDPA
+    P = torch.exp(S - torch.where(torch.isneginf(L), 0.0, L)[..., None])
     return Q, K, P, L
 
 
@@ -34,9 +39,12 @@ def naive_attention(q, k, v, *, causal: bool = False, scale: Optional[float] = N
     q: (B, H, Nq, d); k, v: (B, Hkv, Nk, d) with H % Hkv == 0. Causal masking is bottom-right
     aligned (query i sees key j <= i + Nk - Nq). Returns O (B, H, Nq, d) in q's dtype and, with
     ``return_lse``, L (B, H, Nq), the logsumexp of each scaled score row, in float32 (float64 for
-    float64 inputs). A row that sees no key gives O = 0 and L = -inf.
+    float64 inputs). A row that sees no key gives O = 0 and L = -inf; a row with a +inf or NaN
+    score (e.g. inf in k) gives O = NaN and a non-finite L, as SDPA does.
     """
     B, H, Hkv, Nq, Nk, d = check_attention_inputs(q, k, v)
+    check_flag("causal", causal)
+    check_flag("return_lse", return_lse)
     scale = softmax_scale(scale, d)
     _, _, P, L = _scores_and_probabilities(q, k, causal, scale)
     # O = P V                                                   (B, H, Nq, d)
@@ -53,6 +61,7 @@ def naive_attention_backward(q, k, v, o, do, *, causal: bool = False, scale: Opt
     B, H, Hkv, Nq, Nk, d = check_attention_inputs(q, k, v)
     check_like("o", o, q, "q")
     check_like("do", do, q, "q")
+    check_flag("causal", causal)
     scale = softmax_scale(scale, d)
     Q, K, P, _ = _scores_and_probabilities(q, k, causal, scale)
     V, O, dO = expand_kv(v, H).to(P.dtype), o.to(P.dtype), do.to(P.dtype)

@@ -7,11 +7,17 @@ A partial state summarises a slice of a score row s (and, for attention, of the 
 Two states of disjoint slices merge into the state of their union (associatively), which is what
 online softmax, tiled attention and split-KV decoding are built from. The final results are
 softmax weights exp(s − m) / l, the attention output O = o / l and the logsumexp L = m + log l.
+
+A slice with no visible entry (all −inf) has l = 0 and gives zeros, not NaN; a +inf or NaN entry
+gives NaN in its row, as ``torch.softmax`` does.
 """
 
 from typing import NamedTuple, Optional
 
 import torch
+
+from ._checks import check_float_tensor
+from ._env import factory_device
 
 
 class SoftmaxState(NamedTuple):
@@ -30,8 +36,10 @@ def shifted_exp(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
 def safe_softmax(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     """softmax(x) computed as exp(x − max x) / Σ exp(x − max x), so exp never overflows.
 
-    A row that is entirely −inf (a query that sees no key) gives zeros instead of NaN.
+    x: a floating-point tensor of any shape. A row that is entirely −inf (a query that sees no key)
+    gives zeros instead of NaN.
     """
+    check_float_tensor("x", x, "(..., n)")
     x = x.movedim(dim, -1)
     # m = max_j x_j
     m = x.amax(dim=-1)
@@ -39,7 +47,7 @@ def safe_softmax(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     e = shifted_exp(x, m)
     # l = Σ_j e_j
     l = e.sum(dim=-1, keepdim=True)
-    return torch.where(l > 0, e / l, 0.0).movedim(-1, dim)
+    return torch.where(l == 0, 0.0, e / l).movedim(-1, dim)
 
 
 def block_state(s: torch.Tensor, v: Optional[torch.Tensor] = None) -> SoftmaxState:
@@ -74,6 +82,7 @@ def merge_states(a: SoftmaxState, b: SoftmaxState) -> SoftmaxState:
 
 def empty_state(shape, d: Optional[int] = None, dtype=torch.float32, device=None) -> SoftmaxState:
     """The state of an empty slice (the identity of merge): m = −inf, l = 0, o = 0."""
+    device = factory_device(device)
     m = torch.full(shape, float("-inf"), dtype=dtype, device=device)
     l = torch.zeros(shape, dtype=dtype, device=device)
     o = None if d is None else torch.zeros(*shape, d, dtype=dtype, device=device)
@@ -82,11 +91,10 @@ def empty_state(shape, d: Optional[int] = None, dtype=torch.float32, device=None
 
 def finalize(state: SoftmaxState):
     """(O, L): O = o / l (0 where l = 0) and the logsumexp L = m + log l (−inf where l = 0)."""
-    L = state.m + torch.log(state.l)
-    L = torch.where(state.l > 0, L, float("-inf"))
+    L = torch.where(state.l == 0, float("-inf"), state.m + torch.log(state.l))
     if state.o is None:
         return None, L
-    O = torch.where(state.l[..., None] > 0, state.o / state.l[..., None], 0.0)
+    O = torch.where(state.l[..., None] == 0, 0.0, state.o / state.l[..., None])
     return O, L
 
 
@@ -94,13 +102,14 @@ def online_softmax(x: torch.Tensor, dim: int = -1, block: int = 64) -> torch.Ten
     """softmax(x) with the statistics (m, l) gathered in ONE streaming pass over blocks of ``block``.
 
     Each block is merged into the running state (m, l) as it arrives, so the full row is never needed
-    at once; a second pass writes exp(x − m) / l.
+    at once; a second pass writes exp(x − m) / l. Same contract as ``safe_softmax``.
     """
-    if block < 1:
-        raise ValueError(f"block must be a positive number of elements, got {block}")
+    check_float_tensor("x", x, "(..., n)")
+    if isinstance(block, bool) or not isinstance(block, int) or block < 1:
+        raise ValueError(f"block must be a positive int (elements per block), got {block!r}")
     x = x.movedim(dim, -1)
     state = empty_state(x.shape[:-1], dtype=x.dtype, device=x.device)
     for start in range(0, x.shape[-1], block):
         state = merge_states(state, block_state(x[..., start : start + block]))
     p = shifted_exp(x, state.m)
-    return torch.where(state.l[..., None] > 0, p / state.l[..., None], 0.0).movedim(-1, dim)
+    return torch.where(state.l[..., None] == 0, 0.0, p / state.l[..., None]).movedim(-1, dim)

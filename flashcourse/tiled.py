@@ -10,13 +10,14 @@ from typing import Optional
 
 import torch
 
-from ._checks import causal_offset, check_attention_inputs, check_like, compute_dtype, expand_kv, reduce_kv, softmax_scale
+from ._checks import (causal_offset, check_attention_inputs, check_flag, check_like, compute_dtype, expand_kv, reduce_kv,
+                      softmax_scale)
 from .softmax import shifted_exp
 
 
 def _check_blocks(block_m: int, block_n: int) -> None:
     for name, b in (("block_m", block_m), ("block_n", block_n)):
-        if not isinstance(b, int) or b < 1:
+        if isinstance(b, bool) or not isinstance(b, int) or b < 1:
             raise ValueError(f"{name} must be a positive int (rows per tile), got {b!r}")
 
 
@@ -44,6 +45,7 @@ def tiled_attention_forward(q, k, v, *, causal=False, scale=None, block_m=64, bl
     O has q's dtype; L (natural log) is float32, float64 for float64 inputs.
     """
     B, H, Hkv, Nq, Nk, d = check_attention_inputs(q, k, v)
+    check_flag("causal", causal)
     _check_blocks(block_m, block_n)
     scale = softmax_scale(scale, d)
     ct, offset = compute_dtype(q.dtype), causal_offset(Nq, Nk)
@@ -70,10 +72,11 @@ def tiled_attention_forward(q, k, v, *, causal=False, scale=None, block_m=64, bl
             # O_i = α O_i + P̃_ij V_j        (still unnormalised)
             O_i = alpha[..., None] * O_i + P_ij @ V[:, :, j0 : j0 + block_n]
             m_i = m_new
-        # O_i = O_i / l_i, once, at the end; a row with no key keeps O_i = 0
-        O[:, :, i0 : i0 + B_r] = torch.where(l_i[..., None] > 0, O_i / l_i[..., None], 0.0)
+        # O_i = O_i / l_i, once, at the end; a row with no key (l_i = 0) keeps O_i = 0, a row with a
+        # +inf or NaN score has l_i = NaN and stays NaN, as in SDPA
+        O[:, :, i0 : i0 + B_r] = torch.where(l_i[..., None] == 0, 0.0, O_i / l_i[..., None])
         # L_i = m_i + log l_i   (−inf for a row with no key)
-        L[:, :, i0 : i0 + B_r] = torch.where(l_i > 0, m_i + torch.log(l_i), float("-inf"))
+        L[:, :, i0 : i0 + B_r] = torch.where(l_i == 0, float("-inf"), m_i + torch.log(l_i))
     return O.to(q.dtype), L
 
 
@@ -85,6 +88,7 @@ def tiled_attention_backward(q, k, v, o, lse, do, *, causal=False, scale=None, b
     B, H, Hkv, Nq, Nk, d = check_attention_inputs(q, k, v)
     check_like("o", o, q, "q")
     check_like("do", do, q, "q")
+    check_flag("causal", causal)
     if tuple(lse.shape) != (B, H, Nq):
         raise ValueError(f"lse must have shape (B, H, Nq) = {(B, H, Nq)}, got {tuple(lse.shape)}")
     _check_blocks(block_m, block_n)
@@ -140,7 +144,9 @@ def tiled_attention(q, k, v, *, causal: bool = False, scale: Optional[float] = N
     """Exact attention computed tile by tile, differentiable through its own tiled backward.
 
     q: (B, H, Nq, d); k, v: (B, Hkv, Nk, d). Returns O (B, H, Nq, d) and, with ``return_lse``,
-    L (B, H, Nq). Same contract as ``naive_attention``.
+    L (B, H, Nq). Same contract as ``naive_attention``, non-finite inputs included: a row with a
+    +inf or NaN score gives O = NaN.
     """
+    check_flag("return_lse", return_lse)
     O, L = TiledAttention.apply(q, k, v, causal, scale, block_m, block_n)
     return (O, L) if return_lse else O

@@ -10,9 +10,6 @@ from typing import Callable, Dict, List, NamedTuple, Optional, Sequence
 
 import matplotlib.pyplot as plt
 import torch
-from torch.multiprocessing.reductions import StorageWeakRef
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 from .softmax import SoftmaxState, block_state, empty_state, finalize, merge_states
 
@@ -24,52 +21,8 @@ GiB = 2**30
 # ----------------------------------------------------------------------------------------------------
 
 
-class _PeakTracker(TorchDispatchMode):
-    """Counts the bytes of every tensor storage created by torch ops while active, and their peak.
-
-    A storage stops counting when Python frees it, so ``peak`` is the most memory that the computation
-    held at once — on any device, without an allocator API (the CPU has none).
-    """
-
-    def __init__(self):
-        super().__init__()
-        self.live: Dict[int, tuple] = {}
-        self.current = 0
-        self.peak = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for key, (ref, nbytes) in list(self.live.items()):
-            if ref.expired():
-                del self.live[key]
-                self.current -= nbytes
-        for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor):
-                s = t.untyped_storage()
-                if s.data_ptr() not in self.live and s.nbytes() > 0:
-                    self.live[s.data_ptr()] = (StorageWeakRef(s), s.nbytes())
-                    self.current += s.nbytes()
-        self.peak = max(self.peak, self.current)
-        return out
-
-
-def peak_memory(fn: Callable, *args, **kwargs):
-    """Run ``fn(*args, **kwargs)``; return (its result, the peak bytes it allocated beyond its inputs).
-
-    On a GPU this is ``torch.cuda.max_memory_allocated`` above the memory in use before the call; on
-    the CPU every storage the call creates is counted while it is alive.
-    """
-    on_gpu = any(isinstance(a, torch.Tensor) and a.is_cuda for a in args)
-    if on_gpu:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        out = fn(*args, **kwargs)
-        torch.cuda.synchronize()
-        return out, torch.cuda.max_memory_allocated() - before
-    with _PeakTracker() as tracker:
-        out = fn(*args, **kwargs)
-    return out, tracker.peak
+# The one peak-memory helper lives in flashcourse.bench; the notebooks call it as viz.peak_memory.
+from .bench.measure import peak_memory  # noqa: E402,F401
 
 
 def saved_for_backward(fn: Callable, *args, **kwargs):
@@ -729,4 +682,112 @@ def plot_checkpointing(measured: Dict[str, tuple], title: str = ""):
         _style(ax, xlabel, "")
     if title:
         fig.suptitle(title, fontsize=10)
+    return fig
+
+
+# ----------------------------------------------------------------------------------------------------
+# Chapter 11: beyond one GPU
+# ----------------------------------------------------------------------------------------------------
+
+
+def plot_ring_balance(world_size: int = 4, causal: bool = True):
+    """Causal work of each rank at each ring step, contiguous against zigzag sharding, and the ring's time.
+
+    Work is in units of (N/P)² query-key pairs (``distributed.step_work``); a step lasts as long as
+    its busiest rank, so the ring's time is Σ_s max_r work[r, s].
+    """
+    from .distributed import step_work
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4), gridspec_kw={"width_ratios": [1, 1, 0.8]})
+    totals = {}
+    for ax, layout in zip(axes, ("contiguous", "zigzag")):
+        work = step_work(world_size, layout, causal)
+        ax.imshow(work.numpy(), cmap="Blues", vmin=0, vmax=1)
+        for r in range(world_size):
+            for s in range(world_size):
+                ax.text(s, r, f"{work[r, s].item():g}", ha="center", va="center", fontsize=9,
+                        color="white" if work[r, s] > 0.6 else "black")
+        ax.set_xticks(range(world_size))
+        ax.set_yticks(range(world_size))
+        totals[layout] = (work.amax(0).sum().item(), work.sum(1).max().item())
+        _style(ax, "ring step s", "rank r", f"{layout}: work per step, (N/P)² units")
+    ideal = step_work(world_size, "zigzag", causal).sum().item() / world_size
+    names = list(totals)
+    axes[2].bar(names, [totals[n][0] for n in names], color=["tab:red", "tab:green"])
+    axes[2].axhline(ideal, color="k", ls="--", label=f"perfect balance: {ideal:g}")
+    for i, n in enumerate(names):
+        axes[2].text(i, totals[n][0], f"{totals[n][0]:g}", ha="center", va="bottom")
+    _style(axes[2], "layout", "ring time: Σ_s max_r work", f"P = {world_size}, {'causal' if causal else 'full'}")
+    axes[2].legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+# link name -> bytes per second one way (nominal): what a K/V hop travels over
+LINKS = {"NVLink 4 (H100)": 450e9, "PCIe 5 x16": 64e9, "InfiniBand NDR 400G": 50e9, "Ethernet 100G": 12.5e9}
+
+
+def plot_ring_overlap(*, H: int = 16, Hkv: Optional[int] = None, d: int = 128, flops_per_s: float = 400e12,
+                      links: Optional[Dict[str, float]] = None, element_size: int = 2):
+    """When does a ring step's compute hide its K/V transfer? Left: both times against the shard
+    length n = N/P (causal, balanced). Right: the crossover n against the link's bandwidth."""
+    from .distributed import overlap_crossover, ring_step_times
+
+    links = LINKS if links is None else links
+    fig, (a0, a1) = plt.subplots(1, 2, figsize=(12, 4.4))
+    ns = [2.0**e for e in range(8, 21)]
+    compute = [ring_step_times(int(n), H=H, Hkv=Hkv, d=d, flops_per_s=flops_per_s, bytes_per_s=1.0,
+                               element_size=element_size)[0] for n in ns]
+    a0.plot(ns, [1e3 * t for t in compute], "k-", lw=2, label="compute (causal, balanced)")
+    for i, (name, bw) in enumerate(links.items()):
+        comm = [ring_step_times(int(n), H=H, Hkv=Hkv, d=d, flops_per_s=flops_per_s, bytes_per_s=bw,
+                                element_size=element_size)[1] for n in ns]
+        a0.plot(ns, [1e3 * t for t in comm], "--", color=f"C{i}", label=f"K/V transfer, {name}")
+    a0.set_xscale("log", base=2)
+    a0.set_yscale("log")
+    _style(a0, "shard length n = N/P (tokens)", "time per ring step (ms)",
+           f"H = {H}, Hkv = {Hkv or H}, d = {d}, {flops_per_s / 1e12:.0f} TFLOP/s")
+    a0.legend(fontsize=7)
+    bws = [10.0**e for e in torch.linspace(9.5, 12, 60).tolist()]
+    for hkv, ls in ((Hkv or H, "-"), (max(1, (Hkv or H) // 8), "--")):
+        a1.plot([b / 1e9 for b in bws],
+                [overlap_crossover(H=H, Hkv=hkv, flops_per_s=flops_per_s, bytes_per_s=b, element_size=element_size)
+                 for b in bws], "k" + ls, label=f"Hkv = {hkv} (H = {H})")
+    for i, (name, bw) in enumerate(links.items()):
+        n = overlap_crossover(H=H, Hkv=Hkv, flops_per_s=flops_per_s, bytes_per_s=bw, element_size=element_size)
+        a1.plot([bw / 1e9], [n], "o", color=f"C{i}", label=f"{name}: n ≥ {n:,.0f}")
+    a1.set_xscale("log")
+    a1.set_yscale("log")
+    _style(a1, "link bandwidth (GB/s, one way)", "shard length n above which overlap hides the transfer",
+           "the crossover (the same for every d)")
+    a1.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def plot_ring_benchmark(result: dict):
+    """The recorded run of ``benchmarks/ring.py`` (its ring.json, loaded): scaling efficiency and
+    fwd+bwd time with and without communication, per N and strategy."""
+    sizes = [r for r in result["sizes"] if r["strategies"]]
+    strategies = list(sizes[0]["strategies"]) if sizes else []
+    fig, (a0, a1) = plt.subplots(1, 2, figsize=(12, 4.2))
+    width = 0.8 / max(len(strategies), 1)
+    for i, name in enumerate(strategies):
+        xs = [j + i * width for j in range(len(sizes))]
+        a0.bar(xs, [r["strategies"][name].get("efficiency") or 0 for r in sizes], width, label=name)  # 0: no T₁
+        a1.bar(xs, [r["strategies"][name]["ms"] for r in sizes], width, color=f"C{i}", label=f"{name}")
+        a1.bar(xs, [r["strategies"][name]["ms_nocomm"] for r in sizes], width * 0.4, color="k", alpha=0.5,
+               label="without communication" if i == 0 else None)
+    labels = [(f"{r['N'] // 1024}k" if r["N"] >= 1024 else str(r["N"])) + (" (T₁ est.)" if r["T1_estimated"] else "")
+              for r in sizes]
+    for ax in (a0, a1):
+        ax.set_xticks([j + width * (len(strategies) - 1) / 2 for j in range(len(sizes))], labels)
+        ax.legend(fontsize=8)
+    a0.axhline(1.0, color="k", ls=":")
+    devices = result.get("devices") or ["?"]
+    devices = f"{len(devices)} × {devices[0]}" if len(set(devices)) == 1 else ", ".join(devices)
+    _style(a0, "sequence length N", "scaling efficiency T₁ / (P · T_P)", f"fwd+bwd, causal, bf16 — {devices}")
+    a1.set_yscale("log")
+    _style(a1, "sequence length N", "fwd+bwd time, slowest rank (ms)", "with and without the transfers")
+    fig.tight_layout()
     return fig

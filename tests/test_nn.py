@@ -1,7 +1,8 @@
 """The layers of chapter 08 (flashcourse/nn.py): flash_attn_func, FlashAttention, MultiHeadAttention.
 
-Checked against PyTorch SDPA in float32, causal and not, with grouped heads and strided (B, N, H, d)
-views; the "flash" backend is the Triton kernels, run in the interpreter without a GPU.
+Checked against PyTorch SDPA in float64, causal and not, with grouped heads and strided (B, N, H, d)
+views. Every test runs on the ``device`` fixture: the "flash" backend is the Triton kernels, compiled on
+a GPU and interpreted on the CPU; float32 is IEEE on both (precision "highest", see conftest.py).
 """
 
 import pytest
@@ -26,8 +27,8 @@ def reference_bnhd(q, k, v, causal=False, scale=None):
 @pytest.mark.parametrize("Nq,Nk,H,Hkv", [(17, 17, 4, 4), (17, 17, 4, 2), (5, 23, 2, 1), (23, 5, 2, 2)])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("name", list(BACKENDS))
-def test_backends_match_sdpa(name, causal, Nq, Nk, H, Hkv):
-    q, k, v = make_qkv(B=2, H=H, Hkv=Hkv, Nq=Nq, Nk=Nk, d=16, dtype=torch.float32)
+def test_backends_match_sdpa(name, causal, Nq, Nk, H, Hkv, device):
+    q, k, v = make_qkv(B=2, H=H, Hkv=Hkv, Nq=Nq, Nk=Nk, d=16, dtype=torch.float32, device=device)
     O = BACKENDS[name](q, k, v, causal=causal, scale=0.3)
     assert O.shape == q.shape and O.dtype == torch.float32
     torch.testing.assert_close(O.double(), sdpa_reference(q, k, v, causal, scale=0.3), atol=1e-5, rtol=1e-5)
@@ -35,8 +36,8 @@ def test_backends_match_sdpa(name, causal, Nq, Nk, H, Hkv):
 
 @pytest.mark.parametrize("H,Hkv", [(4, 4), (4, 1)])
 @pytest.mark.parametrize("causal", [False, True])
-def test_flash_attn_func_matches_sdpa(causal, H, Hkv):
-    q, k, v = bnhd(*make_qkv(B=2, H=H, Hkv=Hkv, Nq=17, d=16, dtype=torch.float32))  # strided views
+def test_flash_attn_func_matches_sdpa(causal, H, Hkv, device):
+    q, k, v = bnhd(*make_qkv(B=2, H=H, Hkv=Hkv, Nq=17, d=16, dtype=torch.float32, device=device))  # strided views
     O = flash_attn_func(q, k, v, causal=causal)
     assert O.shape == (2, 17, H, 16)
     torch.testing.assert_close(O.double(), reference_bnhd(q, k, v, causal), atol=1e-5, rtol=1e-5)
@@ -45,9 +46,9 @@ def test_flash_attn_func_matches_sdpa(causal, H, Hkv):
 
 
 @pytest.mark.parametrize("causal", [False, True])
-def test_flash_attn_func_gradients_match_sdpa(causal):
-    q, k, v = (t.requires_grad_() for t in make_qkv(B=1, H=4, Hkv=2, Nq=17, d=16, dtype=torch.float32))
-    do = torch.randn(1, 17, 4, 16)
+def test_flash_attn_func_gradients_match_sdpa(causal, device):
+    q, k, v = (t.requires_grad_() for t in make_qkv(B=1, H=4, Hkv=2, Nq=17, d=16, dtype=torch.float32, device=device))
+    do = torch.randn(1, 17, 4, 16).to(device)
     got = torch.autograd.grad(flash_attn_func(*bnhd(q, k, v), causal=causal), (q, k, v), do)
     want = torch.autograd.grad(reference_bnhd(*bnhd(q, k, v), causal), (q, k, v), do.double())
     for name, g, w in zip("qkv", got, want):
@@ -55,8 +56,8 @@ def test_flash_attn_func_gradients_match_sdpa(causal):
 
 
 @pytest.mark.parametrize("causal", [False, True])
-def test_flash_attention_module_on_packed_qkv(causal):
-    qkv = torch.randn(2, 17, 3, 2, 16)
+def test_flash_attention_module_on_packed_qkv(causal, device):
+    qkv = torch.randn(2, 17, 3, 2, 16).to(device)
     q, k, v = qkv.unbind(2)
     module = FlashAttention(causal=causal, softmax_scale=0.5)
     torch.testing.assert_close(module(qkv).double(), reference_bnhd(q, k, v, causal, scale=0.5), atol=1e-5, rtol=1e-5)
@@ -98,20 +99,20 @@ def mha_reference(mha, x):
 @pytest.mark.parametrize("num_kv_heads,bias", [(None, False), (1, True)])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("name", list(BACKENDS))
-def test_multi_head_attention_matches_sdpa(name, causal, num_kv_heads, bias):
+def test_multi_head_attention_matches_sdpa(name, causal, num_kv_heads, bias, device):
     torch.manual_seed(0)
-    mha = MultiHeadAttention(32, 2, num_kv_heads=num_kv_heads, causal=causal, backend=name, bias=bias)
-    x = torch.randn(2, 17, 32)
+    mha = MultiHeadAttention(32, 2, num_kv_heads=num_kv_heads, causal=causal, backend=name, bias=bias).to(device)
+    x = torch.randn(2, 17, 32).to(device)
     y = mha(x)
     assert y.shape == x.shape
     torch.testing.assert_close(y, mha_reference(mha, x), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("name", ["flash", "tiled", "naive"])
-def test_multi_head_attention_gradients_match_sdpa(name):
+def test_multi_head_attention_gradients_match_sdpa(name, device):
     torch.manual_seed(0)
-    mha = MultiHeadAttention(32, 4, num_kv_heads=2, causal=True, backend=name)
-    x = torch.randn(2, 17, 32, requires_grad=True)
+    mha = MultiHeadAttention(32, 4, num_kv_heads=2, causal=True, backend=name).to(device)
+    x = torch.randn(2, 17, 32).to(device).requires_grad_()
     grads = {}
     for backend in (name, "sdpa"):
         mha.backend = backend
@@ -136,10 +137,10 @@ def test_multi_head_attention_errors():
         mha(torch.randn(1, 17, 32))
 
 
-def test_multi_head_attention_compiles_without_a_graph_break():
+def test_multi_head_attention_compiles_without_a_graph_break(device):
     torch.manual_seed(0)
-    mha = MultiHeadAttention(32, 2, num_kv_heads=1, causal=True)
-    x = torch.randn(2, 17, 32, requires_grad=True)
+    mha = MultiHeadAttention(32, 2, num_kv_heads=1, causal=True).to(device)
+    x = torch.randn(2, 17, 32).to(device).requires_grad_()
     y = torch.compile(mha, backend="aot_eager", fullgraph=True)(x)
     torch.testing.assert_close(y, mha(x))
     y.sum().backward()

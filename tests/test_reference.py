@@ -1,4 +1,7 @@
-"""naive_attention and naive_attention_backward against float64 math and PyTorch SDPA (chapters 01, 06)."""
+"""naive_attention and naive_attention_backward against float64 math and PyTorch SDPA (chapters 01, 06).
+
+Every test runs on the ``device`` fixture; float32 is IEEE there (precision "highest", see conftest.py).
+"""
 
 import math
 
@@ -34,43 +37,44 @@ def loop_attention(q, k, v, causal):
 
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("Nq,Nk", [(5, 5), (3, 7), (7, 3)])
-def test_matches_the_definition(Nq, Nk, causal):
+def test_matches_the_definition(Nq, Nk, causal, device):
     q, k, v = make_qkv(B=1, H=2, Hkv=1, Nq=Nq, Nk=Nk, d=8)
-    assert torch.allclose(naive_attention(q, k, v, causal=causal), loop_attention(q, k, v, causal), atol=1e-12)
+    O = naive_attention(*(t.to(device) for t in (q, k, v)), causal=causal)
+    assert torch.allclose(O.cpu(), loop_attention(q, k, v, causal), atol=1e-12)
 
 
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("Nq,Nk", SHAPES)
 @pytest.mark.parametrize("d", [16, 40, 64, 128])
-def test_matches_sdpa_float64(Nq, Nk, d, causal):
-    q, k, v = make_qkv(B=1, H=2, Nq=Nq, Nk=Nk, d=d)
+def test_matches_sdpa_float64(Nq, Nk, d, causal, device):
+    q, k, v = make_qkv(B=1, H=2, Nq=Nq, Nk=Nk, d=d, device=device)
     assert rel_err(naive_attention(q, k, v, causal=causal), sdpa_reference(q, k, v, causal)) < 1e-12
 
 
 @pytest.mark.parametrize("H,Hkv", [(4, 1), (4, 2), (6, 3)])
 @pytest.mark.parametrize("causal", [False, True])
-def test_grouped_heads(H, Hkv, causal):
-    q, k, v = make_qkv(H=H, Hkv=Hkv, Nq=17, Nk=33, d=16)
+def test_grouped_heads(H, Hkv, causal, device):
+    q, k, v = make_qkv(H=H, Hkv=Hkv, Nq=17, Nk=33, d=16, device=device)
     assert rel_err(naive_attention(q, k, v, causal=causal), sdpa_reference(q, k, v, causal)) < 1e-12
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.float16, 2e-3), (torch.bfloat16, 1e-2)])
-def test_low_precision_inputs(dtype, tol):
-    q, k, v = make_qkv(Nq=129, Nk=64, d=64, dtype=dtype)
+def test_low_precision_inputs(dtype, tol, device):
+    q, k, v = make_qkv(Nq=129, Nk=64, d=64, dtype=dtype, device=device)
     o, lse = naive_attention(q, k, v, causal=True, return_lse=True)
     assert o.dtype == dtype and lse.dtype == torch.float32
     assert rel_err(o, sdpa_reference(q, k, v, causal=True)) < tol
 
 
-def test_lse_is_logsumexp_of_scaled_scores():
-    q, k, v = make_qkv(Nq=17, Nk=29, d=16)
+def test_lse_is_logsumexp_of_scaled_scores(device):
+    q, k, v = make_qkv(Nq=17, Nk=29, d=16, device=device)
     _, lse = naive_attention(q, k, v, scale=0.3, return_lse=True)
     assert lse.dtype == torch.float64
     assert torch.allclose(lse, torch.logsumexp(0.3 * q @ k.transpose(-2, -1), dim=-1))
 
 
-def test_rows_that_see_no_key_give_zero_and_minus_inf():
-    q, k, v = make_qkv(Nq=10, Nk=4, d=8)  # bottom-right causal: the first 6 queries see no key
+def test_rows_that_see_no_key_give_zero_and_minus_inf(device):
+    q, k, v = make_qkv(Nq=10, Nk=4, d=8, device=device)  # bottom-right causal: the first 6 queries see no key
     o, lse = naive_attention(q, k, v, causal=True, return_lse=True)
     assert not torch.isnan(o).any() and not torch.isnan(lse).any()
     assert (o[:, :, :6] == 0).all() and torch.isneginf(lse[:, :, :6]).all()
@@ -78,23 +82,23 @@ def test_rows_that_see_no_key_give_zero_and_minus_inf():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_large_logits_stay_finite(dtype):
-    q, k, v = make_qkv(Nq=64, d=64, dtype=dtype, scale_logits=100.0)
+def test_large_logits_stay_finite(dtype, device):
+    q, k, v = make_qkv(Nq=64, d=64, dtype=dtype, scale_logits=100.0, device=device)
     o, lse = naive_attention(q, k, v, return_lse=True)
     assert torch.isfinite(o).all() and torch.isfinite(lse).all()
     assert rel_err(o, sdpa_reference(q, k, v)) < (1e-5 if dtype == torch.float32 else 2e-3)
 
 
-def test_non_contiguous_inputs():
-    q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in make_qkv(Nq=17, Nk=23, d=16))
+def test_non_contiguous_inputs(device):
+    q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in make_qkv(Nq=17, Nk=23, d=16, device=device))
     assert not q.is_contiguous()
     assert rel_err(naive_attention(q, k, v, causal=True), sdpa_reference(q, k, v, True)) < 1e-12
 
 
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("Nq,Nk,H,Hkv", [(17, 17, 2, 2), (9, 30, 4, 2), (30, 9, 4, 1), (1, 1, 2, 1)])
-def test_backward_matches_autograd(Nq, Nk, H, Hkv, causal):
-    q, k, v = (t.requires_grad_() for t in make_qkv(H=H, Hkv=Hkv, Nq=Nq, Nk=Nk, d=16))
+def test_backward_matches_autograd(Nq, Nk, H, Hkv, causal, device):
+    q, k, v = (t.requires_grad_() for t in make_qkv(H=H, Hkv=Hkv, Nq=Nq, Nk=Nk, d=16, device=device))
     o = naive_attention(q, k, v, causal=causal, scale=0.7)
     do = torch.randn_like(o)
     expected = torch.autograd.grad(o, (q, k, v), do)

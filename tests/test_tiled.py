@@ -1,4 +1,7 @@
-"""tiled_attention (chapters 03 and 06) against float64 naive attention and autograd."""
+"""tiled_attention (chapters 03 and 06) against float64 naive attention and autograd.
+
+Every test runs on the ``device`` fixture; float32 is IEEE there (precision "highest", see conftest.py).
+"""
 
 import pytest
 import torch
@@ -14,8 +17,8 @@ GRID = [  # (Nq, Nk, H, Hkv, d)
 
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("Nq,Nk,H,Hkv,d", GRID)
-def test_forward_matches_naive(Nq, Nk, H, Hkv, d, causal):
-    q, k, v = make_qkv(B=1, H=H, Hkv=Hkv, Nq=Nq, Nk=Nk, d=d)
+def test_forward_matches_naive(Nq, Nk, H, Hkv, d, causal, device):
+    q, k, v = make_qkv(B=1, H=H, Hkv=Hkv, Nq=Nq, Nk=Nk, d=d, device=device)
     O, L = tiled_attention(q, k, v, causal=causal, return_lse=True, block_m=32, block_n=16)
     O_ref, L_ref = naive_attention(q, k, v, causal=causal, return_lse=True)
     assert rel_err(O, O_ref) < 1e-12 and rel_err(O, sdpa_reference(q, k, v, causal)) < 1e-12
@@ -25,9 +28,9 @@ def test_forward_matches_naive(Nq, Nk, H, Hkv, d, causal):
 
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("Nq,Nk,H,Hkv,d", GRID[:4] + GRID[5:])
-def test_gradients_match_autograd_on_naive(Nq, Nk, H, Hkv, d, causal):
-    q, k, v = (t.requires_grad_() for t in make_qkv(B=2, H=H, Hkv=Hkv, Nq=Nq, Nk=Nk, d=d))
-    do = torch.randn(2, H, Nq, d, dtype=torch.float64)
+def test_gradients_match_autograd_on_naive(Nq, Nk, H, Hkv, d, causal, device):
+    q, k, v = (t.requires_grad_() for t in make_qkv(B=2, H=H, Hkv=Hkv, Nq=Nq, Nk=Nk, d=d, device=device))
+    do = torch.randn(2, H, Nq, d, dtype=torch.float64).to(device)
     got = torch.autograd.grad(tiled_attention(q, k, v, causal=causal, block_m=16, block_n=32), (q, k, v), do)
     want = torch.autograd.grad(naive_attention(q, k, v, causal=causal), (q, k, v), do)
     for name, g, w in zip("qkv", got, want):
@@ -35,16 +38,16 @@ def test_gradients_match_autograd_on_naive(Nq, Nk, H, Hkv, d, causal):
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 2e-3)])
-def test_low_precision_and_large_logits(dtype, tol):
-    q, k, v = make_qkv(Nq=100, Nk=129, d=64, dtype=dtype, scale_logits=100.0)
+def test_low_precision_and_large_logits(dtype, tol, device):
+    q, k, v = make_qkv(Nq=100, Nk=129, d=64, dtype=dtype, scale_logits=100.0, device=device)
     O, L = tiled_attention(q, k, v, causal=True, return_lse=True)
     assert O.dtype == dtype and L.dtype == torch.float32
     assert torch.isfinite(O).all() and torch.isfinite(L).all()
     assert rel_err(O, sdpa_reference(q, k, v, True)) < tol
 
 
-def test_block_size_does_not_change_the_result():
-    q, k, v = make_qkv(Nq=50, Nk=70, d=16)
+def test_block_size_does_not_change_the_result(device):
+    q, k, v = make_qkv(Nq=50, Nk=70, d=16, device=device)
     outs = [tiled_attention_forward(q, k, v, causal=True, block_m=bm, block_n=bn)[0] for bm, bn in [(1, 1), (7, 13), (128, 128)]]
     assert all(torch.allclose(o, outs[0], atol=1e-13) for o in outs)
 
@@ -64,8 +67,9 @@ def test_causal_skipping_visits_fewer_tiles(monkeypatch):
     assert len(calls) == 10
 
 
-def test_non_contiguous_inputs():
-    q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2).requires_grad_() for t in make_qkv(Nq=33, Nk=20, d=16))
+def test_non_contiguous_inputs(device):
+    q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()
+               for t in make_qkv(Nq=33, Nk=20, d=16, device=device))
     O = tiled_attention(q, k, v, causal=True, block_m=8, block_n=8)
     assert rel_err(O, naive_attention(q, k, v, causal=True)) < 1e-12
     O.sum().backward()
