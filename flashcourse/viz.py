@@ -349,8 +349,30 @@ def plot_io(Ns: Sequence[int], d: int, M: int, blocks: Sequence[int], *, N_fixed
 
 
 # ----------------------------------------------------------------------------------------------------
-# Chapter 09: the roofline
+# Chapter 09: the roofline, recorded speed, and the GPU under the kernel
 # ----------------------------------------------------------------------------------------------------
+
+
+class GPUSpec(NamedTuple):
+    """The numbers of one GPU that chapter 09 reasons with (per the vendor's spec sheet)."""
+
+    name: str
+    sms: int                       # streaming multiprocessors; one program (CTA) runs on one SM
+    matmul_tflops: float           # dense fp16/bf16 tensor-core throughput
+    exp_tops: float                # special-function unit (exp2, …) throughput, operations/s × 1e-12
+    bandwidth_tbs: float           # HBM bandwidth
+    registers_per_sm: int          # 32-bit registers shared by the resident programs
+    max_registers_per_thread: int
+    shared_per_sm: int             # bytes of shared memory shared by the resident programs
+    shared_per_program: int        # the most one program may allocate
+
+
+# H100 SXM5: 132 SMs × 4096 fp16 FLOP/clock × 1.83 GHz ≈ 989 TFLOP/s; 132 SMs × 16 exp/clock × 1.83 GHz
+# ≈ 3.9 T exp/s (the FlashAttention-3 paper's numbers); 64 Ki registers and 228 KiB of shared memory per
+# SM, of which one program may take 227 KiB.
+H100_SXM = GPUSpec("H100 SXM", sms=132, matmul_tflops=989.0, exp_tops=3.9, bandwidth_tbs=3.35,
+                   registers_per_sm=65536, max_registers_per_thread=255,
+                   shared_per_sm=228 * 1024, shared_per_program=227 * 1024)
 
 
 def plot_roofline(peak_tflops: float, bandwidth_tbs: float, points: Dict[str, tuple], *, device: str = "GPU"):
@@ -360,15 +382,17 @@ def plot_roofline(peak_tflops: float, bandwidth_tbs: float, points: Dict[str, tu
     without a measurement is drawn on the roof, where that intensity would at best take it.
     """
     ridge = peak_tflops / bandwidth_tbs  # FLOP/byte where the two roofs meet
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig, ax = plt.subplots(figsize=(11, 4.8), layout="constrained")
     lo = min([0.5] + [p[0] / 2 for p in points.values()])
     hi = max([ridge * 20] + [p[0] * 2 for p in points.values()])
     xs = torch.logspace(math.log10(lo), math.log10(hi), 200)
     ax.plot(xs.tolist(), torch.clamp(xs * bandwidth_tbs, max=peak_tflops).tolist(), "k-", lw=2)
     ax.axvline(ridge, color="gray", ls=":")
-    ax.text(ridge * 1.08, peak_tflops * 0.012, f"ridge: {ridge:.0f} FLOP/byte", color="gray", fontsize=8, rotation=90)
-    ax.text(lo * 1.2, peak_tflops * 1.12, f"compute roof {peak_tflops:.0f} TFLOP/s", fontsize=8)
-    ax.text(lo * 1.2, lo * 1.2 * bandwidth_tbs * 1.5, f"memory roof {bandwidth_tbs:.2f} TB/s", fontsize=8, rotation=28)
+    bottom = peak_tflops * 1e-3
+    ax.text(ridge * 1.1, bottom * 1.5, f"ridge: {ridge:.0f} FLOP/byte", color="gray", fontsize=8, va="bottom")
+    ax.text(lo * 1.2, peak_tflops * 1.15, f"compute roof {peak_tflops:.0f} TFLOP/s", fontsize=8, va="bottom")
+    x_label = math.sqrt(lo * ridge) / 3   # part-way up the memory roof, under the line
+    ax.text(x_label, x_label * bandwidth_tbs / 5, f"memory roof: {bandwidth_tbs:.2f} TB/s × intensity", fontsize=8)
     for i, (label, (intensity, measured)) in enumerate(points.items()):
         roof = min(peak_tflops, intensity * bandwidth_tbs)
         y = roof if measured is None else measured
@@ -376,11 +400,288 @@ def plot_roofline(peak_tflops: float, bandwidth_tbs: float, points: Dict[str, tu
                 color=f"C{i % 10}", label=f"{label}: {intensity:.3g} FLOP/B" + ("" if measured is None else f", {measured:.0f} TFLOP/s"))
     ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.set_ylim(peak_tflops * 1e-3, peak_tflops * 2)
+    ax.set_ylim(bottom, peak_tflops * 3)
     _style(ax, "arithmetic intensity (FLOPs per byte of HBM traffic)", "attainable throughput (TFLOP/s)",
            f"Roofline of {device}")
-    ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    return fig
+
+
+def _field(row, key):
+    """``row[key]`` of a JSON row, or ``row.key`` of a measurement object."""
+    return row[key] if isinstance(row, dict) else getattr(row, key)
+
+
+def plot_tflops(rows, *, dtype: str = "float16", d: int = 128, title: str = ""):
+    """TFLOP/s against N of every provider, for one dtype and head dim: forward and backward, causal or not.
+
+    ``rows``: benchmark measurements (JSON dicts or objects) with provider, mode, dtype, d, causal, N,
+    tflops and status. The backward's FLOPs are counted as 2.5 × the forward's (five N²d matmuls).
+    """
+    panels = [(mode, causal) for mode in ("fwd", "bwd") for causal in (False, True)]
+    fig, axes = plt.subplots(1, 4, figsize=(15, 3.8), sharey=True, layout="constrained")
+    providers = list(dict.fromkeys(_field(r, "provider") for r in rows))
+    ymax = 0.0
+    for ax, (mode, causal) in zip(axes, panels):
+        for i, provider in enumerate(providers):
+            pts = sorted((_field(r, "N"), _field(r, "tflops")) for r in rows
+                         if _field(r, "provider") == provider and _field(r, "mode") == mode and _field(r, "dtype") == dtype
+                         and _field(r, "d") == d and _field(r, "causal") == causal and _field(r, "status") == "ok")
+            if pts:
+                ax.plot(*zip(*pts), "o-", color=f"C{i}", label=provider)
+                ymax = max(ymax, max(y for _, y in pts))
+        ax.set_xscale("log", base=2)
+        counted = "4BHN²d" if mode == "fwd" else "2.5 × 4BHN²d"
+        _style(ax, "sequence length N (tokens)", "TFLOP/s" if ax is axes[0] else "",
+               f"{mode}{', causal' if causal else ''} (FLOPs counted: {counted}{' / 2' if causal else ''})")
+        ax.title.set_fontsize(9)
+    axes[0].set_ylim(0, ymax * 1.1 or 1)
+    legend = {label: h for ax in axes for h, label in zip(*ax.get_legend_handles_labels())}
+    fig.legend(legend.values(), legend.keys(), loc="outside lower center", ncol=len(legend), fontsize=9)
+    fig.suptitle(f"{title} · {dtype}, d = {d}" if title else f"{dtype}, d = {d}", fontsize=10)
+    return fig
+
+
+def plot_speed_ratios(ratios, baselines: Sequence[str] = ("sdpa-flash", "sdpa-cudnn"), provider: str = "flashcourse"):
+    """Heat maps of ``provider``'s TFLOP/s divided by each baseline's, one row per (mode, dtype, d, causal),
+    one column per N. ``ratios``: dicts with mode, dtype, d, causal, N and one ratio per baseline name."""
+    from matplotlib.colors import TwoSlopeNorm
+
+    rows = [r for r in ratios if r["mode"] in ("fwd", "bwd")]
+    # forward rows first, then backward; within each, by dtype, head dim and causal
+    keys = sorted({(r["mode"], r["dtype"], r["d"], r["causal"]) for r in rows},
+                  key=lambda k: (k[0] != "fwd", k[1] != "float16", k[2], k[3]))
+    Ns = sorted({r["N"] for r in rows})
+    fig, axes = plt.subplots(1, len(baselines), figsize=(4.2 * len(baselines) + 2, 0.32 * len(keys) + 1.6),
+                             layout="constrained", squeeze=False)
+    norm = TwoSlopeNorm(vmin=0.5, vcenter=1.0, vmax=1.6)
+    for ax, base in zip(axes[0], baselines):
+        grid = torch.full((len(keys), len(Ns)), float("nan"))
+        for r in rows:
+            if r.get(base) is not None:
+                grid[keys.index((r["mode"], r["dtype"], r["d"], r["causal"])), Ns.index(r["N"])] = r[base]
+        im = ax.imshow(grid.numpy(), cmap="RdBu", norm=norm, aspect="auto")
+        for (i, j), x in zip(((i, j) for i in range(len(keys)) for j in range(len(Ns))), grid.flatten().tolist()):
+            if not math.isnan(x):
+                ax.text(j, i, f"{x:.2f}", ha="center", va="center", fontsize=8,
+                        color="white" if abs(x - 1) > 0.35 else "black")
+        ax.set_xticks(range(len(Ns)), [f"{n:,}" for n in Ns])
+        ax.set_yticks(range(len(keys)), [f"{m} · {dt.replace('float', 'fp').replace('bfp', 'bf')} · d={hd}{' · causal' if c else ''}"
+                                          for m, dt, hd, c in keys] if ax is axes[0][0] else [])
+        ax.set_xlabel("sequence length N (tokens)")
+        ax.set_title(f"{provider} TFLOP/s ÷ {base}", fontsize=10)
+    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="ratio (> 1: faster than the baseline)")
+    return fig
+
+
+class KernelBudget(NamedTuple):
+    """What one program of the forward kernel asks of an SM, and how many such programs fit at once."""
+
+    shared_bytes: int           # Q_i + num_stages buffers of K_j and V_j
+    tile_registers: int         # per thread, for the fp32 tiles acc_i (B_r × d) and S_ij (B_r × B_c) alone
+    programs_by_shared: int     # resident programs the shared memory allows (0: does not launch)
+    programs_by_registers: int  # resident programs the register file allows, at that register count
+
+
+def kernel_budget(block_m: int, block_n: int, num_warps: int, num_stages: int, *, d: int, element_size: int = 2,
+                  gpu: GPUSpec = H100_SXM) -> KernelBudget:
+    """The shared-memory and register budget of one forward program (B_r = block_m, B_c = block_n).
+
+    The register count is a lower bound: addresses, row statistics and the low-precision copy of P add
+    to it, and the compiler may keep more alive (a GPU's compiled kernel reports ``n_regs`` and
+    ``n_spills``).
+    """
+    # shared memory = element size · d · (B_r + num_stages · 2 · B_c)   (Q_i once; K_j, V_j per stage)
+    shared = element_size * d * (block_m + num_stages * 2 * block_n)
+    threads = 32 * num_warps
+    # one 32-bit register per fp32 element of acc_i and S_ij, spread over the program's threads
+    registers = math.ceil(block_m * (d + block_n) / threads)
+    by_shared = 0 if shared > gpu.shared_per_program else gpu.shared_per_sm // shared
+    by_registers = 0 if registers > gpu.max_registers_per_thread else gpu.registers_per_sm // (registers * threads)
+    return KernelBudget(shared, registers, by_shared, by_registers)
+
+
+def plot_kernel_budget(shapes: Sequence[tuple], d: int, element_size: int = 2, gpu: GPUSpec = H100_SXM):
+    """Shared memory and tile registers of forward configurations (B_r, B_c, num_warps, num_stages)
+    against the limits of ``gpu``, with the programs per SM that each allows."""
+    fig, (a0, a1) = plt.subplots(1, 2, figsize=(13, 4.2), layout="constrained")
+    budgets = [kernel_budget(*s, d=d, element_size=element_size, gpu=gpu) for s in shapes]
+    names = [f"{bm}×{bn}\n{w} warps\n{st} stages" for bm, bn, w, st in shapes]
+    x = list(range(len(shapes)))
+    a0.bar(x, [b.shared_bytes / 1024 for b in budgets], color="tab:purple")
+    a0.axhline(gpu.shared_per_program / 1024, color="tab:red", ls="--", label=f"one program's limit ({gpu.shared_per_program // 1024} KiB)")
+    a0.axhline(gpu.shared_per_sm / 2048, color="tab:orange", ls=":", label=f"two programs per SM ({gpu.shared_per_sm // 2048} KiB each)")
+    for i, b in enumerate(budgets):
+        a0.text(i, b.shared_bytes / 2048, f"{b.shared_bytes / 1024:.0f} KiB\n{b.programs_by_shared} / SM", ha="center",
+                va="center", fontsize=8, color="white")
+    a0.set_xticks(x, names, fontsize=8)
+    _style(a0, "", "shared memory per program (KiB)", f"Q_i + stages·(K_j + V_j), d = {d}, {8 * element_size}-bit")
+    a0.set_ylim(0, gpu.shared_per_program / 1024 * 1.25)
+    a0.legend(fontsize=8, loc="upper left")
+    a1.bar(x, [b.tile_registers for b in budgets], color="tab:cyan")
+    a1.axhline(gpu.max_registers_per_thread, color="tab:red", ls="--", label=f"per-thread limit ({gpu.max_registers_per_thread})")
+    two = [min(gpu.max_registers_per_thread, gpu.registers_per_sm // (2 * 32 * w)) for _, _, w, _ in shapes]
+    a1.plot(x, two, "_", color="tab:orange", markersize=40, mew=3, label="most registers a thread may use for two programs per SM")
+    for i, b in enumerate(budgets):
+        a1.text(i, b.tile_registers / 2, f"≥ {b.tile_registers}", ha="center", va="center", fontsize=8, color="white")
+    a1.set_xticks(x, names, fontsize=8)
+    _style(a1, "", "registers per thread (32-bit)", "fp32 tiles acc_i (B_r × d) and S_ij (B_r × B_c) alone")
+    a1.set_ylim(0, gpu.max_registers_per_thread * 1.3)
+    a1.legend(fontsize=8, loc="upper left", markerscale=0.4)
+    fig.suptitle(f"What one forward program asks of an {gpu.name} SM (64 Ki registers, {gpu.shared_per_sm // 1024} KiB shared memory)", fontsize=10)
+    return fig
+
+
+def exp_to_matmul_time(d: int, gpu: GPUSpec = H100_SXM) -> float:
+    """Time of the exponentials over time of the matmuls, per score of the forward pass at head dim d.
+
+    Each score S_ij costs 4d matmul FLOPs (2d in Q_i K_jᵀ, 2d in P_ij V_j) and one exp.
+    """
+    # (1 / exp rate) / (4d / matmul rate)
+    return (1 / gpu.exp_tops) / (4 * d / gpu.matmul_tflops)
+
+
+class Event(NamedTuple):
+    """One operation of a pipeline schedule: on which unit, for which key block, when."""
+
+    lane: str   # "load", "tensor cores" or "exp unit"
+    op: str     # "K_j, V_j", "QKᵀ", "exp", "PV"
+    block: int
+    start: float
+    end: float
+
+
+def pipeline_schedule(n_blocks: int, load: float, matmul: float, exp: float, *, stages: int,
+                      overlap_softmax: bool = False) -> List[Event]:
+    """Schedule one program's key loop on three units that run in parallel: the copy engine, the tensor
+    cores and the exp unit. Block j: load K_j, V_j (``load``), S = QKᵀ (``matmul``/2), exp (``exp``),
+    PV (``matmul``/2); each unit runs its operations in order.
+
+    ``stages`` buffers for K_j, V_j: the load of block j waits until block j − stages has finished its
+    PV (1 buffer: the next load waits for the whole block, nothing overlaps). ``overlap_softmax`` issues
+    QKᵀ of block j + 1 before PV of block j (FlashAttention-3), so block j's exponentials run under it.
+    """
+    if overlap_softmax and stages < 2:
+        raise ValueError("overlapping the softmax needs K_{j+1} loaded during block j: stages >= 2")
+    events: List[Event] = []
+    clock = {"load": 0.0, "tensor cores": 0.0, "exp unit": 0.0}
+    loaded: Dict[int, float] = {}
+    exp_done: Dict[int, float] = {}
+
+    def run(lane, op, j, ready, duration):
+        start = max(ready, clock[lane])
+        clock[lane] = start + duration
+        events.append(Event(lane, op, j, start, start + duration))
+        return start + duration
+
+    def qk_and_exp(j):
+        s_done = run("tensor cores", "QKᵀ", j, loaded[j], matmul / 2)
+        exp_done[j] = run("exp unit", "exp", j, s_done, exp)
+
+    for j in range(min(stages, n_blocks)):        # the prologue: every buffer filled ahead of the loop
+        loaded[j] = run("load", "K_j, V_j", j, 0.0, load)
+    for j in range(n_blocks):
+        if j not in exp_done:
+            qk_and_exp(j)
+        if overlap_softmax and j + 1 < n_blocks:
+            qk_and_exp(j + 1)                     # QKᵀ of the next block while block j's exp runs
+        pv_done = run("tensor cores", "PV", j, exp_done[j], matmul / 2)
+        if j + stages < n_blocks:                 # block j's buffer is free: refill it
+            loaded[j + stages] = run("load", "K_j, V_j", j + stages, pv_done, load)
+    return events
+
+
+def plot_pipeline(n_blocks: int, load: float, matmul: float, exp: float):
+    """Gantt charts of one program's key loop: no pipelining, software pipelining (num_stages = 3), and
+    pipelining with the softmax overlapped with the next block's QKᵀ (FlashAttention-3)."""
+    cases = [("num_stages = 1: load, then compute", dict(stages=1)),
+             ("num_stages = 3: loads run ahead (software pipelining)", dict(stages=3)),
+             ("num_stages = 3 and QKᵀ of block j+1 issued before PV of block j (FA3)", dict(stages=3, overlap_softmax=True))]
+    colors = {"K_j, V_j": "tab:gray", "QKᵀ": "tab:blue", "exp": "tab:orange", "PV": "tab:green"}
+    lanes = ["load", "tensor cores", "exp unit"]
+    schedules = [pipeline_schedule(n_blocks, load, matmul, exp, **kw) for _, kw in cases]
+    longest = max(max(e.end for e in s) for s in schedules)
+    fig, axes = plt.subplots(len(cases), 1, figsize=(12, 2.0 * len(cases) + 0.6), sharex=True, layout="constrained")
+    for ax, (title, _), events in zip(axes, cases, schedules):
+        for e in events:
+            y = lanes.index(e.lane)
+            ax.barh(y, e.end - e.start, left=e.start, height=0.7, color=colors[e.op], edgecolor="k", lw=0.5)
+            ax.text((e.start + e.end) / 2, y, str(e.block), ha="center", va="center", fontsize=7)
+        total = max(e.end for e in events)
+        busy = sum(e.end - e.start for e in events if e.lane == "tensor cores")
+        ax.set_title(f"{title}: {total:.1f} time units, tensor cores busy {busy / total:.0%}", fontsize=9, loc="left")
+        ax.set_yticks(range(len(lanes)), lanes, fontsize=8)
+        ax.set_ylim(len(lanes) - 0.4, -0.6)
+        ax.grid(True, axis="x", alpha=0.3)
+    axes[-1].set_xlim(0, longest * 1.01)
+    axes[-1].set_xlabel("time (one unit = QKᵀ + PV of one tile on the tensor cores); the number in a bar is the key block j")
+    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in colors.values()]
+    fig.legend(handles, [f"{op}" for op in colors], loc="outside upper right", ncol=4, fontsize=8)
+    return fig
+
+
+# ----------------------------------------------------------------------------------------------------
+# Chapter 10: gradient checkpointing, measured on chapter 08's GPT
+# ----------------------------------------------------------------------------------------------------
+
+
+class _Checkpointed(torch.nn.Module):
+    """A module whose activations are not kept: its forward runs again during the backward pass."""
+
+    def __init__(self, block: torch.nn.Module):
+        super().__init__()
+        self.block = block
+
+    def forward(self, x):
+        return torch.utils.checkpoint.checkpoint(self.block, x, use_reentrant=False)
+
+
+def gpt_training_step(config, backend: str, *, checkpoint: bool = False, device="cpu", seed: int = 0) -> Callable:
+    """One forward + backward pass of a fresh ``flashcourse.gpt.GPT`` on one fixed batch of the copy task.
+
+    With ``checkpoint`` every Transformer block is wrapped in ``torch.utils.checkpoint``: the forward
+    keeps only each block's input, and the backward recomputes the block. The step does not update the
+    weights, so every call does the same work; it returns the loss (``step.model`` is the model).
+    """
+    import torch.utils.checkpoint  # noqa: F401  (the submodule _Checkpointed calls)
+
+    from .gpt import GPT, copy_batch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = GPT(config, backend).to(device)
+    if checkpoint:
+        model.blocks = torch.nn.ModuleList(_Checkpointed(b) for b in model.blocks)
+    idx, targets = copy_batch(config, torch.Generator().manual_seed(seed), device)
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        _, loss = model(idx, targets)
+        loss.backward()
+        return loss.detach()
+
+    step.model = model  # for a look at its gradients
+    return step
+
+
+def plot_checkpointing(measured: Dict[str, tuple], title: str = ""):
+    """Bars of peak memory (MiB) and step time (ms) per configuration; ``measured`` maps a label to
+    (peak bytes, milliseconds)."""
+    fig, (a0, a1) = plt.subplots(1, 2, figsize=(12, 3.8), layout="constrained")
+    labels = list(measured)
+    colors = [f"C{i}" for i in range(len(labels))]
+    y = list(range(len(labels)))
+    for ax, values, xlabel in ((a0, [b / 2**20 for b, _ in measured.values()], "peak memory of one training step (MiB)"),
+                               (a1, [ms for _, ms in measured.values()], "time of one training step (ms)")):
+        ax.barh(y, values, color=colors)
+        for i, x in enumerate(values):
+            ax.text(x, i, f" {x:.3g}", va="center", fontsize=8)
+        ax.set_yticks(y, labels if ax is a0 else [""] * len(labels))
+        ax.set_ylim(len(labels) - 0.5, -0.5)
+        ax.set_xlim(0, max(values) * 1.2)
+        _style(ax, xlabel, "")
+    if title:
+        fig.suptitle(title, fontsize=10)
     return fig
 
 
