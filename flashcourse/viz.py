@@ -1,11 +1,14 @@
 """Measurements, figures and widgets the notebooks call, so that a notebook only explains and calls.
 
 Every ``plot_*`` function draws one figure with labelled axes and units and returns it. Every
-``*_stepper``/``*_walker`` function returns an ipywidgets slider wired to a ``plot_*`` function; it
-builds without a browser (the executed notebooks in the test suite build them headless).
+``*_stepper``/``*_walker`` function returns an ipywidgets slider wired to a ``plot_*`` function; where
+no slider can work (no Jupyter kernel, or ``FLASHCOURSE_STATIC_WIDGETS=1`` as the notebook tests set)
+it shows that function's figure instead.
 """
 
+import io
 import math
+import os
 from typing import Callable, Dict, List, NamedTuple, Optional, Sequence
 
 import matplotlib.pyplot as plt
@@ -243,24 +246,58 @@ def plot_online_step(s: torch.Tensor, v: torch.Tensor, block: int, step: int):
     return fig
 
 
+STATIC_WIDGETS_ENV = "FLASHCOURSE_STATIC_WIDGETS"
+
+
+def widgets_live() -> bool:
+    """Whether a slider can work here: inside a Jupyter kernel, with ipywidgets, and not switched off.
+
+    ``FLASHCOURSE_STATIC_WIDGETS=1`` switches sliders off: the notebook tests set it, because a kernel
+    without a front end never answers a widget's messages and a headless run could wait on them.
+    """
+    if os.environ.get(STATIC_WIDGETS_ENV, "").strip().lower() not in ("", "0", "false", "no"):
+        return False
+    try:
+        import ipywidgets  # noqa: F401
+        from IPython import get_ipython
+    except ImportError:
+        return False
+    shell = get_ipython()
+    return shell is not None and getattr(shell, "kernel", None) is not None
+
+
+def _png(fig) -> bytes:
+    """The figure as PNG bytes; the figure is closed (so that the inline backend does not show it too)."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=90)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
 def _slider_widget(draw: Callable[[int], object], n_steps: int, description: str, value: int = 0):
-    """An IntSlider over 0..n_steps−1 that redraws ``draw(step)`` into an Output below it."""
+    """An IntSlider over 0..n_steps−1 with the PNG of ``draw(step)`` below it.
+
+    Where sliders cannot work (``widgets_live()`` is False) it shows the figure of step ``value`` and
+    returns None: the same picture, with nothing that waits for a front end.
+    """
+    if not widgets_live():
+        fig = draw(value)
+        try:
+            from IPython.display import display
+
+            display(fig)
+            plt.close(fig)
+        except ImportError:
+            pass
+        return None
     import ipywidgets as widgets
 
     slider = widgets.IntSlider(value=value, min=0, max=max(n_steps - 1, 0), description=description,
                                continuous_update=False)
-    out = widgets.Output()
-
-    def redraw(change=None):
-        out.clear_output(wait=True)
-        with out:
-            fig = draw(slider.value)
-            plt.show()
-            plt.close(fig)
-
-    slider.observe(redraw, names="value")
-    redraw()
-    return widgets.VBox([slider, out])
+    # an Image widget, not an Output widget: no display hooks, so nothing depends on the front end
+    image = widgets.Image(value=_png(draw(value)), format="png")
+    slider.observe(lambda change: setattr(image, "value", _png(draw(change["new"]))), names="value")
+    return widgets.VBox([slider, image])
 
 
 def online_softmax_stepper(s: torch.Tensor, v: torch.Tensor, block: int):

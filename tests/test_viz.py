@@ -110,14 +110,32 @@ def test_figures_have_labelled_axes():
     assert all(_labelled(f) for f in figs)
 
 
-def test_widgets_build_without_a_browser():
+def test_widgets_build_without_a_browser(monkeypatch):
+    monkeypatch.setattr(viz, "widgets_live", lambda: True)  # as inside a Jupyter kernel
     s, v = torch.randn(20, dtype=torch.float64), torch.randn(20, 3, dtype=torch.float64)
     box = viz.online_softmax_stepper(s, v, block=8)
-    slider = box.children[0]
+    slider, image = box.children
     assert (slider.min, slider.max, slider.value) == (0, 3, 3)
-    slider.value = 1  # redraws without error
+    before = image.value
+    slider.value = 1  # redraws the picture
+    assert bytes(image.value).startswith(b"\x89PNG") and bytes(image.value) != bytes(before)
     walker = viz.tile_walker(32, 32, 16, 16, causal=True)
     assert walker.children[0].max == 2  # three tiles computed, one skipped
+    assert not plt.get_fignums(), "the widgets' figures are closed once rendered"
+
+
+def test_widgets_show_their_static_figure_without_a_front_end(monkeypatch):
+    import matplotlib.figure
+
+    assert not viz.widgets_live(), "outside a Jupyter kernel there is nothing to drive a slider"
+    monkeypatch.setattr("IPython.get_ipython", lambda: type("Shell", (), {"kernel": object()})())
+    assert viz.widgets_live()
+    monkeypatch.setenv("FLASHCOURSE_STATIC_WIDGETS", "1")  # what the notebook tests set
+    assert not viz.widgets_live()
+    shown = []
+    monkeypatch.setattr("IPython.display.display", shown.append)
+    assert viz.tile_walker(32, 32, 16, 16, causal=True) is None
+    assert len(shown) == 1 and isinstance(shown[0], matplotlib.figure.Figure)
 
 
 def test_show_error_marks_wrong_and_nan(capsys):
