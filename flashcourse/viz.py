@@ -348,27 +348,32 @@ def tile_schedule(Nq: int, Nk: int, block_m: int, block_n: int, causal: bool = F
     return tiles
 
 
-TILE_COLORS = {"full": "tab:blue", "masked": "tab:orange", "skipped": "whitesmoke"}
+TILE_COLORS = {"full": "tab:blue", "masked": "tab:orange", "skipped": "white"}
+TILE_LABELS = {"full": "computed, no mask", "masked": "computed, masked (crosses the mask edge)",
+               "skipped": "skipped: never loaded, never computed"}
+_SKIPPED_STYLE = dict(hatch="///", edgecolor="0.55")
 
 
 def plot_tiles(Nq: int, Nk: int, block_m: int, block_n: int, causal: bool = False, step: Optional[int] = None,
                window: Optional[int] = None):
     """The score matrix cut into B_r × B_c tiles: computed, masked on the diagonal, or skipped.
 
-    With ``step``, the tiles computed so far are drawn solid, the current one outlined in red, and the
-    on-chip working set of that step (Q_i, K_j, V_j, the S_ij tile) is listed in the title.
+    With ``step``, the tiles computed so far are drawn solid, those still to come faded, and the current
+    one outlined in red: its Q_i, K_j, V_j and S_ij are the working set in SRAM at that step.
     """
-    from matplotlib.patches import Rectangle
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch, Rectangle
 
     tiles = tile_schedule(Nq, Nk, block_m, block_n, causal, window)
     computed = [t for t in tiles if t.kind != "skipped"]
-    fig, ax = plt.subplots(figsize=(7.5, 5.0 * min(2.0, max(0.5, Nq / Nk))))
+    fig, ax = plt.subplots(figsize=(7.5, 1.6 + 4.6 * min(2.0, max(0.5, Nq / Nk))))
     current = computed[min(step, len(computed) - 1)] if step is not None and computed else None
     done = set(computed[: computed.index(current) + 1]) if current else set(computed)
     for t in tiles:
-        alpha = 0.9 if (t in done or t.kind == "skipped") else 0.25
-        ax.add_patch(Rectangle((t.j0, t.i0), t.cols, t.rows, facecolor=TILE_COLORS[t.kind], edgecolor="k",
-                               lw=0.6, alpha=alpha))
+        faded = t.kind != "skipped" and t not in done
+        style = _SKIPPED_STYLE if t.kind == "skipped" else dict(edgecolor="k")
+        ax.add_patch(Rectangle((t.j0, t.i0), t.cols, t.rows, facecolor=TILE_COLORS[t.kind], lw=0.6,
+                               alpha=0.25 if faded else 0.9, **style))
     # the edges of the visible region: row i sees columns i + Nk − Nq − window + 1 .. i + Nk − Nq
     edges = ([1] if causal else []) + ([1 - window] if window is not None else [])
     for shift in edges:
@@ -383,14 +388,21 @@ def plot_tiles(Nq: int, Nk: int, block_m: int, block_n: int, causal: bool = Fals
     n_skip = sum(t.kind == "skipped" for t in tiles)
     title = f"{len(computed)} tiles computed, {n_skip} skipped (B_r={block_m}, B_c={block_n})"
     if current:
-        title = (f"step {computed.index(current)}: Q_i rows {current.i0}–{current.i0 + current.rows - 1}, "
+        title = (f"step {computed.index(current)} of {len(computed)}: Q_i rows {current.i0}–{current.i0 + current.rows - 1}, "
                  f"K_j,V_j rows {current.j0}–{current.j0 + current.cols - 1}\n({current.kind} tile)")
     ax.set_title(title, fontsize=9)
     ax.set_xlabel("key index j (tokens)")
     ax.set_ylabel("query index i (tokens)")
-    handles = [Rectangle((0, 0), 1, 1, color=c) for c in TILE_COLORS.values()]
-    ax.legend(handles, ["computed, no mask", "computed, masked (on a mask edge)", "skipped"], fontsize=8,
-              loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    handles = [Patch(facecolor=TILE_COLORS[k], label=TILE_LABELS[k], alpha=0.9,
+                     **(_SKIPPED_STYLE if k == "skipped" else dict(edgecolor="k")))
+               for k in TILE_LABELS if k != "masked" or edges]
+    if current:
+        handles += [Patch(facecolor="tab:blue", edgecolor="k", alpha=0.25, label="not computed yet (faded)"),
+                    Patch(fill=False, edgecolor="red", lw=2.5, label="in SRAM now: Q_i, K_j, V_j, S_ij")]
+    if edges:
+        handles.append(Line2D([], [], color="tab:red", lw=1.2, label="mask edge (last key a query sees)"
+                              if not window else "mask edges (first and last key a query sees)"))
+    ax.legend(handles=handles, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2)
     fig.tight_layout()
     return fig
 
@@ -401,33 +413,96 @@ def tile_walker(Nq: int, Nk: int, block_m: int, block_n: int, causal: bool = Fal
     return _slider_widget(lambda t: plot_tiles(Nq, Nk, block_m, block_n, causal, step=t), n, "tile")
 
 
-def plot_io(Ns: Sequence[int], d: int, M: int, blocks: Sequence[int], *, N_fixed: int = 4096):
-    """HBM traffic of standard vs tiled attention: against N (left) and against the block size (right).
+def plot_io(Ns: Sequence[int], d: int, M: int, *, fa2_blocks=(128, 64), N_fixed: int = 4096,
+            Ms: Optional[Sequence[int]] = None):
+    """HBM traffic of standard attention and of FlashAttention's two loop orders (forward, fp16, one head).
 
+    Left: against N, FlashAttention-1 with the paper's blocks for SRAM size ``M`` and FlashAttention-2
+    with its kernels' ``fa2_blocks`` (B_r, B_c). Right: against M at ``N_fixed``, each loop order with
+    the blocks M allows, and FlashAttention-2's loops with FlashAttention-1's blocks (B_r <= d).
     Markers are counts from walking the loops (``flashcourse.iomodel``), lines the closed forms.
     """
     from . import iomodel
 
-    fig, (a0, a1) = plt.subplots(1, 2, figsize=(12, 4.2))
-    std = [iomodel.standard_attention_io(N, d).total / 2**20 for N in Ns]
-    fl = [iomodel.flash_attention_io(N, d, M).total / 2**20 for N in Ns]
-    a0.plot(Ns, std, "o", color="tab:red", label="standard: counted")
-    a0.plot(Ns, [iomodel.standard_closed_form(N, d) / 2**20 for N in Ns], "-", color="tab:red",
-            label="standard: 2(4Nd + 4N²) bytes")
-    a0.plot(Ns, fl, "s", color="tab:blue", label=f"tiled (M = {M:,} elements): counted")
-    a0.plot(Ns, [iomodel.flash_closed_form(N, d, M) / 2**20 for N in Ns], "-", color="tab:blue",
-            label="tiled: closed form ≈ 2N²d / B_r")
-    a0.set_xscale("log")
+    MiB = 2**20
+    fig, (a0, a1) = plt.subplots(1, 2, figsize=(13, 5.4))
+    B_r1, B_c1 = iomodel.block_sizes(M, d, "fa1")
+    curves = {  # label: (color, marker, dict of flash_attention_io arguments; None = standard)
+        "standard (3 kernels)": ("tab:red", "o", None),
+        f"FA1 loops, B_c = ⌈M/4d⌉ = {B_c1}, B_r = {B_r1}": ("tab:blue", "s", dict(M=M, order="fa1")),
+        f"FA2 loops, B_r = {fa2_blocks[0]}, B_c = {fa2_blocks[1]} (its kernels)":
+            ("tab:green", "^", dict(block_m=fa2_blocks[0], block_n=fa2_blocks[1], order="fa2")),
+    }
+    for label, (color, marker, kw) in curves.items():
+        walked = [(iomodel.standard_attention_io(N, d) if kw is None else iomodel.flash_attention_io(N, d, **kw)).total
+                  for N in Ns]
+        closed = [iomodel.standard_closed_form(N, d) if kw is None else iomodel.flash_closed_form(N, d, **kw) for N in Ns]
+        a0.plot(Ns, [w / MiB for w in walked], marker, color=color)
+        a0.plot(Ns, [c / MiB for c in closed], "-", color=color, label=f"{label}: {closed[-1] / Ns[-1] ** 2 / 2:.2f}·N²")
+    a0.set_xscale("log", base=2)
     a0.set_yscale("log")
-    _style(a0, "sequence length N (tokens)", "HBM traffic per head (MiB, fp16)", f"against N (d = {d})")
-    a0.legend(fontsize=8)
-    per_block = [iomodel.flash_attention_io(N_fixed, d, block_m=b, block_n=b).total / 2**20 for b in blocks]
-    a1.plot(blocks, per_block, "s-", color="tab:blue", label="tiled, B_r = B_c = block")
-    a1.axhline(iomodel.standard_attention_io(N_fixed, d).total / 2**20, color="tab:red", ls="--", label="standard")
+    _style(a0, "sequence length N (tokens)", "HBM traffic per head (MiB, fp16)",
+           f"against N (d = {d}, M = {M:,} elements); markers: loops walked")
+    a0.legend(fontsize=8, title="lines: closed forms, in elements", title_fontsize=8)
+
+    N = N_fixed
+    Ms = list(Ms or [4 * d * 2**k for k in range(2, 11) if 4 * d * 2**k <= N * d])
+    std = iomodel.standard_attention_io(N, d).total / MiB
+    a1.axhline(std, color="tab:red", label="standard (3 kernels)")
+    by_rule = {
+        "FA1 loops, FA1 blocks: B_c = ⌈M/4d⌉, B_r = min(B_c, d)": ("tab:blue", "s", "fa1", "fa1"),
+        "FA2 loops, FA2-style blocks: B_r = ⌈M/4d⌉, B_c = min(B_r, d)": ("tab:green", "^", "fa2", "fa2"),
+        "FA2 loops, FA1 blocks (B_r <= d): K, V re-read >= N/d times": ("tab:purple", "v", "fa2", "fa1"),
+    }
+    for label, (color, marker, order, rule) in by_rule.items():
+        blocks = [iomodel.block_sizes(m, d, rule) for m in Ms]
+        ys = [iomodel.flash_attention_io(N, d, block_m=b[0], block_n=b[1], order=order).total / MiB for b in blocks]
+        a1.plot(Ms, ys, marker + "-", color=color, label=label)
+    bound = [2 * iomodel.lower_bound_shape(N, d, m) / MiB for m in Ms]
+    a1.plot(Ms, bound, "k--", lw=1, label="N²d²/M elements: the lower bound's growth")
+    small = [m for m in Ms if iomodel.block_sizes(m, d, "fa1")[0] < d / 2]
+    if small:
+        a1.axvspan(Ms[0] / 1.3, small[-1] * 1.4, color="tab:purple", alpha=0.08)
+        a1.text(Ms[0], min(bound), "SRAM this small: blocks of < d/2 rows\nre-read so often that every tiled loop\n"
+                "moves more bytes than S and P", fontsize=7.5, color="tab:purple", va="bottom")
+    for name, shared_kb in (("A100", 164), ("H100", 227)):  # shared memory per block, in fp16 elements
+        m = shared_kb * 1024 // 2
+        if Ms[0] <= m <= Ms[-1]:
+            a1.axvline(m, color="gray", ls=":", lw=1)
+            a1.text(m * 1.04, max(bound) * 3, f"{name}: {shared_kb} KB", rotation=90, fontsize=7, color="gray")
     a1.set_xscale("log", base=2)
     a1.set_yscale("log")
-    _style(a1, "block size B_r = B_c (rows)", "HBM traffic per head (MiB, fp16)", f"against block size (N = {N_fixed}, d = {d})")
-    a1.legend(fontsize=8)
+    _style(a1, "SRAM size M (elements)", "HBM traffic per head (MiB, fp16)", f"against the SRAM size (N = {N}, d = {d})")
+    a1.legend(fontsize=7.5, loc="upper center", bbox_to_anchor=(0.45, -0.14), ncol=2)
+    fig.tight_layout()
+    return fig
+
+
+def plot_paper_comparison(comparison):
+    """The FlashAttention-1 paper's GPT-2 measurement next to the model of it (``iomodel.fa1_paper_comparison``):
+    standard attention's passes stacked, FlashAttention's forward + backward, the measured GB as lines."""
+    fig, ax = plt.subplots(figsize=(9, 4.6))
+    colors = iter(plt.get_cmap("tab20").colors)
+    for x, bars in ((0, [(f"fwd: {p.name}", p.io) for p in comparison.standard_forward]
+                     + [(f"bwd: {p.name}", p.io) for p in comparison.standard_backward]),
+                    (1, [("fwd: FlashAttention-1 forward", comparison.flash_forward),
+                         ("bwd: FlashAttention-1 backward", comparison.flash_backward)])):
+        bottom = 0.0
+        for name, io in bars:
+            gb = io.total / 1e9
+            ax.bar(x, gb, bottom=bottom, color=next(colors), edgecolor="w", lw=0.5, label=f"{name} ({gb:.1f} GB)")
+            bottom += gb
+    for x, gb in ((0, comparison.measured_standard_gb), (1, comparison.measured_flash_gb)):
+        ax.plot([x - 0.42, x + 0.42], [gb, gb], "k--", lw=1.5)
+        ax.text(x + 0.44, gb, f"measured\n{gb} GB", fontsize=8, va="center")
+    ax.text(1, comparison.flash / 1e9 + 1, f"model {comparison.flash / 1e9:.1f} GB", ha="center", fontsize=8)
+    ax.set_xticks([0, 1], ["standard attention\n(separate kernels)", "FlashAttention-1\n(forward + backward)"])
+    ax.set_xlim(-0.6, 2.0)
+    _style(ax, "implementation", "HBM reads + writes (GB)",
+           f"GPT-2 medium attention, forward + backward: model {comparison.ratio:.1f}×, "
+           f"measured {comparison.measured_ratio:.1f}×")
+    ax.grid(False, axis="x")
+    ax.legend(fontsize=7, loc="upper right", ncol=1, title="model, pass by pass", title_fontsize=7)
     fig.tight_layout()
     return fig
 

@@ -9,7 +9,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import flashcourse as fc  # noqa: E402
-from flashcourse import viz  # noqa: E402
+from flashcourse import iomodel, viz  # noqa: E402
 from flashcourse._checks import causal_mask  # noqa: E402
 
 
@@ -102,7 +102,8 @@ def test_figures_have_labelled_axes():
         viz.plot_online_step(s, v, block=8, step=2),
         viz.plot_tiles(40, 56, 16, 16, causal=True, step=3),
         viz.plot_tiles(64, 64, 16, 16, causal=True, window=20),
-        viz.plot_io([256, 512, 1024], d=64, M=25600, blocks=[16, 32, 64], N_fixed=1024),
+        viz.plot_io([256, 512, 1024], d=64, M=25600, N_fixed=1024),
+        viz.plot_paper_comparison(iomodel.fa1_paper_comparison()),
         viz.plot_matrices({"S": torch.randn(5, 7), "P": torch.softmax(torch.randn(5, 7), -1)}),
         viz.plot_memory_scaling([128, 256, 512], {"naive": [1e5, 4e5, 1.6e6]}, limits={"GPU": 1e9}, extrapolate_to=2**16),
         viz.plot_roofline(989.0, 3.35, {"softmax": (1.25, None), "measured": (512.0, 400.0)}),
