@@ -7,6 +7,7 @@ it shows that function's figure instead.
 """
 
 import io
+import itertools
 import math
 import os
 from typing import Callable, Dict, List, NamedTuple, Optional, Sequence
@@ -136,6 +137,8 @@ def plot_matrices(mats: Dict[str, torch.Tensor], *, xlabel="key index j", ylabel
         ax.set_title(title)
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
+        for axis in (ax.xaxis, ax.yaxis):  # indices: whole numbers only
+            axis.set_major_locator(plt.MaxNLocator(integer=True))
     fig.tight_layout()
     return fig
 
@@ -144,21 +147,22 @@ def plot_memory_scaling(Ns: Sequence[int], measured: Dict[str, Sequence[float]],
                         scale_label: str = "", limits: Optional[Dict[str, float]] = None, extrapolate_to: int = 0):
     """Peak memory (GiB) against N on log-log axes, each curve fitted as c·N^p and extrapolated.
 
-    ``measured`` maps a label to bytes for one (batch, head); ``scale`` multiplies them (e.g. B·H of a
-    real model, named by ``scale_label``); ``limits`` maps a GPU name to its memory in bytes and draws
-    where each curve crosses it.
+    ``measured`` maps a label to bytes for one (batch, head), one per N of ``Ns`` (None where not
+    measured); ``scale`` multiplies them (e.g. B·H of a real model, named by ``scale_label``);
+    ``limits`` maps a GPU name to its memory in bytes and draws where each curve crosses it.
     """
     fig, ax = plt.subplots(figsize=(7, 4.5))
     N_max = max(extrapolate_to, max(Ns))
     grid = torch.logspace(math.log10(min(Ns)), math.log10(N_max), 100, dtype=torch.float64)
-    logN = torch.tensor(Ns, dtype=torch.float64).log()
     for label, ys in measured.items():
-        y = torch.tensor(ys, dtype=torch.float64) * scale
+        Nm = [N for N, b in zip(Ns, ys) if b is not None]
+        y = torch.tensor([b for b in ys if b is not None], dtype=torch.float64) * scale
+        logN = torch.tensor(Nm, dtype=torch.float64).log()
         # fit log y = p log N + log c on the largest three sizes (small N is dominated by fixed costs)
         p, logc = torch.linalg.lstsq(torch.stack([logN[-3:], torch.ones(3, dtype=torch.float64)], 1),
                                      y[-3:].log()[:, None]).solution[:, 0]
         fit = (logc + p * grid.log()).exp()
-        line = ax.plot(Ns, (y / GiB).tolist(), "o", label=f"{label}: measured")[0]
+        line = ax.plot(Nm, (y / GiB).tolist(), "o", label=f"{label}: measured")[0]
         ax.plot(grid.tolist(), (fit / GiB).tolist(), "--", color=line.get_color(), label=f"{label}: fit ∝ N^{p:.2f}")
         for name, cap in (limits or {}).items():
             N_out = float(((math.log(cap) - logc) / p).exp())
@@ -206,21 +210,28 @@ def online_softmax_trace(s: torch.Tensor, v: torch.Tensor, block: int) -> List[O
 
 def plot_online_step(s: torch.Tensor, v: torch.Tensor, block: int, step: int):
     """Three panels for one step of the online softmax over the row s (N,) with values v (N, d)."""
+    from matplotlib.patches import Patch
+
     trace = online_softmax_trace(s, v, block)
-    step = max(0, min(step, len(trace) - 1))
+    n_blocks = len(trace) - 1
+    step = max(0, min(step, n_blocks))
     cur = trace[step]
     exact = torch.softmax(s.double(), -1).to(v.dtype) @ v
-    fig, (a0, a1, a2) = plt.subplots(1, 3, figsize=(14, 3.6))
+    fig, (a0, a1, a2) = plt.subplots(1, 3, figsize=(14, 4.4))
     idx = torch.arange(s.shape[-1])
     seen = idx < cur.end
-    a0.bar(idx[seen].tolist(), s[seen].tolist(), color="tab:blue", label="read")
-    a0.bar(idx[~seen].tolist(), s[~seen].tolist(), color="lightgray", label="not read yet")
+    a0.bar(idx.tolist(), s.tolist(), color=["tab:blue" if x else "lightgray" for x in seen.tolist()])
     for b in range(block, s.shape[-1], block):
         a0.axvline(b - 0.5, color="k", lw=0.5, alpha=0.4)
+    handles = [Patch(color="tab:blue", label=f"read: blocks 1–{step}")] if step else []
+    if step < n_blocks:
+        handles.append(Patch(color="lightgray", label=f"not read yet: blocks {step + 1}–{n_blocks}"))
     if step > 0:
-        a0.axhline(cur.state.m.item(), color="tab:red", ls="--", label=f"running max m = {cur.state.m.item():.2f}")
-    _style(a0, "key index j", "score s_j (logit, unitless)", f"after block {step} of {len(trace) - 1}")
-    a0.legend(fontsize=8, loc="lower left")
+        a0.axhline(cur.state.m.item(), color="tab:red", ls="--")
+        handles.append(plt.Line2D([], [], color="tab:red", ls="--", label=f"running max m = {cur.state.m.item():.2f}"))
+    title = f"after block {step} of {n_blocks}: keys 0–{cur.end - 1} read" if step else f"before block 1 of {n_blocks}"
+    _style(a0, "key index j", "score s_j (logit, unitless)", title)
+    a0.legend(handles=handles, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2)
 
     ends = [t.end for t in trace[1:]]
     ms = [t.state.m.item() for t in trace[1:]]
@@ -228,12 +239,20 @@ def plot_online_step(s: torch.Tensor, v: torch.Tensor, block: int, step: int):
     a1.plot(ends, ms, "o-", color="tab:red", label="m (running max)")
     a1b = a1.twinx()
     a1b.plot(ends, ls, "s-", color="tab:green", label="ℓ (running sum of exp(s − m))")
+    # where a block raises the max most, the old sum shrinks by e^{m_old − m_new} before the new terms come
+    jumps = [t for t in range(1, len(ms)) if ms[t] > ms[t - 1]]
+    if jumps:
+        t = max(jumps, key=lambda t: ms[t] - ms[t - 1])
+        a1b.annotate(f"block {t + 1} raises m by {ms[t] - ms[t - 1]:.2f}:\nold ℓ × e^(−{ms[t] - ms[t - 1]:.2f}),"
+                     f"\nthen + its new terms", (ends[t], ls[t]), xytext=(0.04, 0.62), textcoords="axes fraction",
+                     fontsize=8, color="tab:green", arrowprops=dict(arrowstyle="->", color="tab:green", lw=1))
     if step > 0:
         a1.axvline(cur.end, color="k", alpha=0.3)
     _style(a1, "keys read so far", "m (logit)", "the running statistics")
     a1b.set_ylabel("ℓ (sum of weights, unitless)")
-    a1.legend(loc="upper left", fontsize=8)
-    a1b.legend(loc="lower right", fontsize=8)
+    lines = a1.get_lines()[:1] + a1b.get_lines()[:1]
+    a1.legend(lines, [ln.get_label() for ln in lines], fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16),
+              ncol=2)
 
     d = min(v.shape[-1], 8)
     x = torch.arange(d)
@@ -241,7 +260,53 @@ def plot_online_step(s: torch.Tensor, v: torch.Tensor, block: int, step: int):
     a2.bar((x + 0.2).tolist(), exact[:d].tolist(), width=0.4, label="softmax(s) v (all keys)")
     err = (cur.output - exact).abs().max().item()
     _style(a2, "output feature", "value (unitless)", f"partial output, max |error| = {err:.2e}")
-    a2.legend(fontsize=8)
+    a2.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
+    a2.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2)
+    fig.tight_layout()
+    return fig
+
+
+def plot_merge_trees(s: torch.Tensor, v: torch.Tensor, cuts: Sequence[int]):
+    """One row of scores s (N,) with values v (N, d), cut at ``cuts`` into four slices A, B, C, D, merged
+    as the online softmax does, ((A ⊕ B) ⊕ C) ⊕ D, and as a parallel tree, (A ⊕ B) ⊕ (C ⊕ D).
+    Every node shows its (m, ℓ); the two roots are the same state."""
+    bounds = [0, *cuts, s.shape[-1]]
+    if len(bounds) != 5:
+        raise ValueError(f"cuts must split the row into four slices, got cuts={list(cuts)}")
+    leaves = {name: block_state(s[None, a:b], v[a:b]) for name, a, b in zip("ABCD", bounds, bounds[1:])}
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.2))
+
+    def node(ax, x, y, name, state, color="white"):
+        o = (state.o / state.l[..., None]).flatten()[:2].tolist()
+        text = f"{name}\nm = {state.m.item():.3f}\nℓ = {state.l.item():.4f}\no/ℓ = ({o[0]:.3f}, {o[1]:.3f}, …)"
+        ax.text(x, y, text, ha="center", va="center", fontsize=7.5, bbox=dict(boxstyle="round", fc=color, ec="0.4"))
+        return (x, y, state)
+
+    def merge(ax, left, right, x, y, name, color="white"):
+        for child in (left, right):
+            ax.plot([child[0], x], [child[1], y], color="0.5", lw=1, zorder=0)
+        return node(ax, x, y, name, merge_states(left[2], right[2]), color)
+
+    roots = []
+    for ax, tree in zip(axes, ("chain", "balanced")):
+        A, B, C, D = (node(ax, x, 0, f"{n}: keys {a}–{b - 1}", leaves[n])
+                      for x, n, a, b in zip(range(4), "ABCD", bounds, bounds[1:]))
+        AB = merge(ax, A, B, 0.5, 1, "A ⊕ B")
+        if tree == "chain":
+            root = merge(ax, merge(ax, AB, C, 1.3, 2, "(A ⊕ B) ⊕ C"), D, 2.1, 3, "((A ⊕ B) ⊕ C) ⊕ D", "lightyellow")
+            title = "the online softmax's order: one block at a time"
+        else:
+            root = merge(ax, AB, merge(ax, C, D, 2.5, 1, "C ⊕ D"), 1.5, 2, "(A ⊕ B) ⊕ (C ⊕ D)", "lightyellow")
+            title = "a parallel tree: two workers, then one merge"
+        roots.append(root[2])
+        ax.set_xlim(-0.6, 3.6)
+        ax.set_ylim(-0.6, 3.6)
+        ax.set_xticks([])
+        ax.set_yticks([0, 1, 2, 3])
+        _style(ax, "slices of one row, left to right", "merge depth", title)
+        ax.grid(False)
+    err = (finalize(roots[0])[0] - finalize(roots[1])[0]).abs().max().item()
+    fig.suptitle(f"the same state at both roots: |O difference| = {err:.1e}", fontsize=10)
     fig.tight_layout()
     return fig
 
@@ -413,14 +478,122 @@ def tile_walker(Nq: int, Nk: int, block_m: int, block_n: int, causal: bool = Fal
     return _slider_widget(lambda t: plot_tiles(Nq, Nk, block_m, block_n, causal, step=t), n, "tile")
 
 
+def plot_by_hand(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_n: int, scale: float = 1.0):
+    """A forward pass small enough to follow by hand: S = scale·q kᵀ for q (Nq, d), k, v (Nk, d), one
+    query block, key blocks of ``block_n``. One panel for S, then one after each key block with
+    P̃ = exp(S − m) of the keys read so far and each row's running m, ℓ and o = Σ P̃ v."""
+    S = scale * (q.double() @ k.double().T)
+    traces = [online_softmax_trace(S[r], v.double(), block_n) for r in range(S.shape[0])]
+    steps = len(traces[0]) - 1
+    fig, axes = plt.subplots(1, steps + 1, figsize=(4.6 * (steps + 1), 3.6))
+    Nq, Nk = S.shape
+
+    def grid(ax, values, title, cmap):
+        ax.imshow(values.numpy(), cmap=cmap, vmin=float(S.min()) if cmap == "coolwarm" else 0, aspect="auto",
+                  vmax=float(S.max()) if cmap == "coolwarm" else 1)
+        for (r, c), x in zip(itertools.product(range(Nq), range(Nk)), values.flatten().tolist()):
+            dark = cmap == "Greens" and x > 0.6
+            ax.text(c, r, "·" if math.isnan(x) else f"{x:.3g}", ha="center", va="center", fontsize=9,
+                    color="w" if dark else "k")
+        for j0 in range(0, Nk, block_n):
+            ax.add_patch(plt.Rectangle((j0 - 0.5, -0.5), min(block_n, Nk - j0), Nq, fill=False, lw=2, ec="k"))
+        ax.set_xticks(range(Nk))
+        ax.set_yticks(range(Nq))
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("key index j")
+        ax.set_ylabel("query index i")
+
+    grid(axes[0], S, f"S = {scale:g}·QKᵀ, key blocks of {block_n} framed", "coolwarm")
+    for t in range(1, steps + 1):
+        end = traces[0][t].end
+        m = torch.stack([tr[t].state.m for tr in traces])
+        P = torch.exp(S - m[:, None]).masked_fill(torch.arange(Nk)[None, :] >= end, float("nan"))
+        grid(axes[t], P, f"after key block {t}: P̃ = exp(S − m), keys 0–{end - 1}", "Greens")
+        for r, tr in enumerate(traces):
+            state, before = tr[t].state, tr[t - 1].state
+            rescaled = t > 1 and state.m > before.m
+            note = f"m={state.m.item():.3g} ℓ={state.l.item():.3g}\no=({', '.join(f'{x:.3g}' for x in state.o.tolist())})"
+            if rescaled:
+                note += f"\nm grew: old terms × e^({before.m.item() - state.m.item():.3g})"
+            axes[t].text(Nk - 0.3, r, note, fontsize=7.5, va="center", color="tab:red" if rescaled else "k")
+        axes[t].set_xlim(-0.5, Nk + 2.6)
+    fig.tight_layout()
+    return fig
+
+
+def plot_loop_orders(n_units: int = 8):
+    """FlashAttention-1 against FlashAttention-2 on an N × N score matrix of ``n_units`` units a side.
+
+    (a) FA1: key blocks outside (2 units wide), query blocks inside, all in one program per (batch, head);
+    numbers are the visiting order. (b) FA2: query blocks outside (2 units tall), one program each,
+    key blocks inside; numbers are steps within a program. (c) inside one tile, how the four warps of a
+    program share S_ij: FA1 splits K_j (columns), FA2 splits Q_i (rows).
+    """
+    from matplotlib.patches import Rectangle
+
+    fig, axes = plt.subplots(1, 4, figsize=(16, 4.6), gridspec_kw=dict(width_ratios=[1, 1, 0.62, 0.62]))
+    n, colors = n_units, plt.get_cmap("tab10").colors
+
+    def matrix(ax, rows, cols, label, color):
+        for i, j in itertools.product(range(n // rows), range(n // cols)):
+            number, c = label(i, j), color(i, j)
+            ax.add_patch(Rectangle((j * cols, i * rows), cols, rows, facecolor=c, edgecolor="k", lw=0.8, alpha=0.55))
+            ax.text(j * cols + cols / 2, i * rows + rows / 2, number, ha="center", va="center", fontsize=8)
+        ax.set_xlim(-0.3, n + 0.3)
+        ax.set_ylim(n + 1.6, -1.5)
+        ax.set_aspect("equal")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_xlabel("keys j  →")
+        ax.set_ylabel("queries i  →")
+
+    T_r1, T_c2 = n, n
+    matrix(axes[0], 1, 2, lambda i, j: j * T_r1 + i + 1, lambda i, j: colors[0])
+    axes[0].annotate("", (n, -0.5), (0, -0.5), arrowprops=dict(arrowstyle="->", lw=1.5))
+    axes[0].text(n / 2, -0.7, "outer: K_j, V_j read once", ha="center", va="bottom", fontsize=8)
+    axes[0].text(n / 2, n + 0.25, "inner: Q_i read and O_i, ℓ_i, m_i read + written\nonce per key block "
+                 "(T_c times); one program\nper (batch, head): B·H programs in all", ha="center", va="top", fontsize=8)
+    axes[0].set_title("(a) FlashAttention-1: keys outside", fontsize=10)
+
+    matrix(axes[1], 2, 1, lambda i, j: j + 1, lambda i, j: colors[i % 10])
+    axes[1].annotate("", (n, -0.5), (0, -0.5), arrowprops=dict(arrowstyle="->", lw=1.5))
+    axes[1].text(n / 2, -0.7, "inner: K_j, V_j re-read by every program", ha="center", va="bottom", fontsize=8)
+    axes[1].text(n / 2, n + 0.25, f"outer: one program per query block (colour),\nin parallel over the sequence: "
+                 f"B·H·T_r programs;\nO_i, L_i written once, after step {T_c2}", ha="center", va="top", fontsize=8)
+    axes[1].set_title("(b) FlashAttention-2: queries outside", fontsize=10)
+
+    for ax, split, title, note in (
+            (axes[2], "cols", "(c) FA1 tile: warps split K_j", "each warp has every row's\npartial P̃V: "
+             "summed through\nshared memory"),
+            (axes[3], "rows", "(d) FA2 tile: warps split Q_i", "each warp owns its rows:\nm, ℓ, O private, "
+             "no\nexchange between warps")):
+        for w in range(4):
+            xy, wh = ((w, 0), (1, 4)) if split == "cols" else ((0, w), (4, 1))
+            ax.add_patch(Rectangle(xy, *wh, facecolor=colors[w + 4], edgecolor="k", alpha=0.6))
+            ax.text(xy[0] + wh[0] / 2, xy[1] + wh[1] / 2, f"warp {w}", ha="center", va="center", fontsize=8,
+                    rotation=90 if split == "cols" else 0)
+        ax.set_xlim(-0.3, 4.3)
+        ax.set_ylim(6.4, -0.6)
+        ax.set_aspect("equal")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_xlabel("B_c keys of K_j")
+        ax.set_ylabel("B_r rows of Q_i")
+        ax.text(2, 4.3, note, ha="center", va="top", fontsize=8)
+        ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
 def plot_io(Ns: Sequence[int], d: int, M: int, *, fa2_blocks=(128, 64), N_fixed: int = 4096,
             Ms: Optional[Sequence[int]] = None):
     """HBM traffic of standard attention and of FlashAttention's two loop orders (forward, fp16, one head).
 
     Left: against N, FlashAttention-1 with the paper's blocks for SRAM size ``M`` and FlashAttention-2
-    with its kernels' ``fa2_blocks`` (B_r, B_c). Right: against M at ``N_fixed``, each loop order with
-    the blocks M allows, and FlashAttention-2's loops with FlashAttention-1's blocks (B_r <= d).
-    Markers are counts from walking the loops (``flashcourse.iomodel``), lines the closed forms.
+    with its kernels' ``fa2_blocks`` (B_r, B_c); markers are counts from walking the loops
+    (``flashcourse.iomodel``), lines the closed forms. Right: the closed forms against M at ``N_fixed``,
+    each loop order with the blocks M allows, and FlashAttention-2's loops with FlashAttention-1's
+    blocks (B_r <= d).
     """
     from . import iomodel
 
@@ -456,7 +629,7 @@ def plot_io(Ns: Sequence[int], d: int, M: int, *, fa2_blocks=(128, 64), N_fixed:
     }
     for label, (color, marker, order, rule) in by_rule.items():
         blocks = [iomodel.block_sizes(m, d, rule) for m in Ms]
-        ys = [iomodel.flash_attention_io(N, d, block_m=b[0], block_n=b[1], order=order).total / MiB for b in blocks]
+        ys = [iomodel.flash_closed_form(N, d, block_m=b[0], block_n=b[1], order=order) / MiB for b in blocks]
         a1.plot(Ms, ys, marker + "-", color=color, label=label)
     bound = [2 * iomodel.lower_bound_shape(N, d, m) / MiB for m in Ms]
     a1.plot(Ms, bound, "k--", lw=1, label="N²d²/M elements: the lower bound's growth")
@@ -472,7 +645,8 @@ def plot_io(Ns: Sequence[int], d: int, M: int, *, fa2_blocks=(128, 64), N_fixed:
             a1.text(m * 1.04, max(bound) * 3, f"{name}: {shared_kb} KB", rotation=90, fontsize=7, color="gray")
     a1.set_xscale("log", base=2)
     a1.set_yscale("log")
-    _style(a1, "SRAM size M (elements)", "HBM traffic per head (MiB, fp16)", f"against the SRAM size (N = {N}, d = {d})")
+    _style(a1, "SRAM size M (elements)", "HBM traffic per head (MiB, fp16)",
+           f"against the SRAM size (N = {N}, d = {d}); closed forms")
     a1.legend(fontsize=7.5, loc="upper center", bbox_to_anchor=(0.45, -0.14), ncol=2)
     fig.tight_layout()
     return fig
