@@ -682,6 +682,122 @@ def plot_paper_comparison(comparison):
 
 
 # ----------------------------------------------------------------------------------------------------
+# Chapter 04: the GPU under the kernel
+# ----------------------------------------------------------------------------------------------------
+
+
+def plot_gpu_budget(shapes: Sequence[tuple], gpu=None):
+    """Shared memory of forward-kernel configurations against one program's limit and half an SM.
+
+    ``shapes`` are (d, bytes per element, B_r, B_c, num_warps, num_stages); each bar stacks Q_i and the
+    ``num_stages`` buffers of K_j and V_j (``iomodel.forward_shared_bytes``) and names the float32
+    registers a thread needs at least for O_i and S_ij (``iomodel.tile_registers``).
+    """
+    from . import iomodel
+
+    gpu = gpu or iomodel.H100_SXM
+    KB = 1024
+    fig, ax = plt.subplots(figsize=(10, 0.42 * len(shapes) + 2.2))
+    for y, (d, e, B_r, B_c, warps, stages) in enumerate(shapes):
+        parts = [("Q_i", e * B_r * d, "tab:blue"), (f"{stages} × K_j", e * stages * B_c * d, "tab:orange"),
+                 (f"{stages} × V_j", e * stages * B_c * d, "tab:green")]
+        left = 0
+        for name, size, color in parts:
+            ax.barh(y, size / KB, left=left / KB, color=color, edgecolor="w", label=name.split(" × ")[-1] if y == 0 else None)
+            left += size
+        regs = iomodel.tile_registers(B_r, B_c, d, warps)
+        fits = left <= gpu.shared_per_program
+        ax.text(left / KB + 3, y, f"{left / KB:.0f} KB, ≥ {regs} registers/thread" + ("" if fits else "  ✗ does not fit"),
+                va="center", fontsize=8, color="k" if fits and regs <= gpu.max_registers_per_thread else "tab:red")
+    ax.axvline(gpu.shared_per_program / KB, color="tab:red", ls="--", label=f"one program's limit ({gpu.shared_per_program // KB} KB)")
+    ax.axvline(gpu.shared_per_sm / 2 / KB, color="gray", ls=":", label=f"two programs per SM ({gpu.shared_per_sm // 2 // KB} KB each)")
+    ax.set_yticks(range(len(shapes)), [f"d={d} {'fp16' if e == 2 else 'fp32'}: {B_r}×{B_c}, {w} warps, {s} stages"
+                                       for d, e, B_r, B_c, w, s in shapes], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlim(0, max(gpu.shared_per_program, max(e * d * (bm + 2 * s * bn) for d, e, bm, bn, _, s in shapes)) / KB * 1.75)
+    _style(ax, "shared memory of one program (KB)", "forward configuration",
+           f"{gpu.name}: Q_i + num_stages · (K_j + V_j) must fit in {gpu.shared_per_program // KB} KB")
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=5)
+    fig.tight_layout()
+    return fig
+
+
+def _ping_pong(tasks: Dict[str, List[tuple]], start: float = 0.0) -> List[tuple]:
+    """Greedy schedule of per-lane task lists [(label, duration, unit)] from time ``start``: each lane runs
+    its tasks in order, each unit (the tensor cores, the exp units) one task at a time.
+    -> [(lane, start, duration, label)]."""
+    ready = {lane: start for lane in tasks}
+    free: Dict[str, float] = {}
+    nxt = {lane: 0 for lane in tasks}
+    out = []
+    while any(nxt[lane] < len(tasks[lane]) for lane in tasks):
+        # the task that can start first; on a tie, the lane that is further behind (they take turns)
+        start, _, lane = min((max(ready[lane], free.get(tasks[lane][nxt[lane]][2], 0.0)), nxt[lane], lane)
+                             for lane in tasks if nxt[lane] < len(tasks[lane]))
+        label, duration, unit = tasks[lane][nxt[lane]]
+        out.append((lane, start, duration, label))
+        ready[lane] = free[unit] = start + duration
+        nxt[lane] += 1
+    return out
+
+
+def plot_pipeline(d: int = 128, tiles: int = 4, load: float = 1.3, gpu=None):
+    """Schematic timelines of one SM working through ``tiles`` key blocks: (a) one stage — each load
+    waits for the math; (b) several stages — loads run ahead; (c) FlashAttention-3's two warpgroups
+    in ping-pong — one's exponentials run under the other's matmuls (its loads hidden as in (b)).
+    A matmul (QKᵀ or PV) takes 1 unit;
+    the exponentials take 2 × ``iomodel.exp_to_matmul_time(d)`` units (the GPU's peak rates); a load ``load``.
+    """
+    from matplotlib.patches import Patch
+
+    from . import iomodel
+
+    gpu = gpu or iomodel.H100_SXM
+    x = 2 * iomodel.exp_to_matmul_time(d, gpu)
+    colors = {"load": "0.75", "QKᵀ": "tab:blue", "exp": "tab:red", "PV": "tab:cyan"}
+    rows = []  # (row label, start, duration, kind)
+    t = 0.0
+    for j in range(tiles):  # (a) load, then compute, one after the other
+        for kind, duration in (("load", load), ("QKᵀ", 1.0), ("exp", x), ("PV", 1.0)):
+            rows.append(("(a) 1 stage", t, duration, kind))
+            t += duration
+    load_end, compute_end = 0.0, 0.0
+    for j in range(tiles):  # (b) the copy engine loads block j+1 while the SM computes block j
+        rows.append(("(b) 3 stages: loads", load_end, load, "load"))
+        load_end += load
+        t = max(compute_end, load_end)
+        for kind, duration in (("QKᵀ", 1.0), ("exp", x), ("PV", 1.0)):
+            rows.append(("(b) 3 stages: math", t, duration, kind))
+            t += duration
+        compute_end = t
+    lanes = {f"(c) FA3 warpgroup {w}": [(kind, duration, "tensor cores" if kind != "exp" else "exp units")
+                                        for _ in range(tiles // 2) for kind, duration in (("QKᵀ", 1.0), ("exp", x), ("PV", 1.0))]
+             for w in (0, 1)}
+    # the first key block must arrive before any math; later loads run ahead as in (b)
+    rows += [("(c) FA3 warpgroup 0", 0.0, load, "load")] + _ping_pong(lanes, start=load)
+
+    labels = list(dict.fromkeys(r[0] for r in rows))
+    fig, ax = plt.subplots(figsize=(12, 3.6))
+    for label, start, duration, kind in rows:
+        y = labels.index(label)
+        ax.barh(y, duration, left=start, color=colors[kind], edgecolor="k", lw=0.5)
+    for label in labels:
+        if not label.endswith("loads") and not label.endswith("0"):
+            end = max(s + w for r, s, w, _ in rows if r == label)
+            ax.text(end + 0.2, labels.index(label), f"done at {end:.1f}", va="center", fontsize=8)
+    ax.set_yticks(range(len(labels)), labels, fontsize=8)
+    ax.invert_yaxis()
+    _style(ax, "time (units: one B_r × B_c × d matmul at the tensor cores' peak)", "",
+           f"{tiles} key blocks on one SM, d = {d} ({gpu.name}: the exponentials of a tile take "
+           f"{x:.2f} matmul units)")
+    ax.set_ylabel("what runs")
+    ax.legend(handles=[Patch(color=c, label=k if k != "exp" else "exp (softmax)") for k, c in colors.items()],
+              fontsize=8, loc="lower right", ncol=4)
+    fig.tight_layout()
+    return fig
+
+
+# ----------------------------------------------------------------------------------------------------
 # Chapter 09: the roofline
 # ----------------------------------------------------------------------------------------------------
 

@@ -1,5 +1,7 @@
 """The notebooks' helpers: memory measurements, the tile schedule, the online-softmax trace, figures and widgets."""
 
+import itertools
+
 import matplotlib
 
 matplotlib.use("Agg")
@@ -106,6 +108,8 @@ def test_figures_have_labelled_axes():
         viz.plot_paper_comparison(iomodel.fa1_paper_comparison()),
         viz.plot_by_hand(torch.randn(4, 2), torch.randn(4, 2), torch.randn(4, 2), block_n=2),
         viz.plot_loop_orders(),
+        viz.plot_gpu_budget([(64, 2, 128, 64, 4, 3), (128, 4, 128, 64, 8, 3)]),
+        viz.plot_pipeline(d=64),
         viz.plot_merge_trees(torch.randn(40, dtype=torch.float64), torch.randn(40, 3, dtype=torch.float64), [5, 20, 30]),
         viz.plot_matrices({"S": torch.randn(5, 7), "P": torch.softmax(torch.randn(5, 7), -1)}),
         viz.plot_memory_scaling([128, 256, 512], {"naive": [1e5, 4e5, 1.6e6]}, limits={"GPU": 1e9}, extrapolate_to=2**16),
@@ -157,3 +161,16 @@ def test_show_source_prints_a_marked_range_or_everything(capsys):
     assert part.lstrip().startswith("got, want =") and "print(" not in part
     viz.show_source(viz.show_error, start="no such marker", stop="print(")
     assert capsys.readouterr().out.startswith("def show_error")
+
+
+def test_ping_pong_schedule_shares_each_unit_and_keeps_each_lane_in_order():
+    # chapter 04's FlashAttention-3 timeline: two warpgroups, one tensor-core unit, one exp unit
+    work = [("QKᵀ", 1.0, "tensor cores"), ("exp", 1.0, "exp units"), ("PV", 1.0, "tensor cores")] * 2
+    schedule = viz._ping_pong({"wg0": work, "wg1": work}, start=0.5)
+    unit = {"QKᵀ": "tensor cores", "PV": "tensor cores", "exp": "exp units"}
+    for a, b in itertools.combinations(schedule, 2):
+        if a[0] == b[0] or unit[a[3]] == unit[b[3]]:  # same lane or same unit: never at the same time
+            assert a[1] + a[2] <= b[1] or b[1] + b[2] <= a[1], (a, b)
+    assert min(s for _, s, _, _ in schedule) == 0.5
+    # overlap pays: 12 units of work, done in 9 (the tensor cores alone need 8)
+    assert max(s + w for _, s, w, _ in schedule) < 0.5 + 9
