@@ -162,6 +162,25 @@ def standard_closed_form(N: int, d: int, *, backward: bool = False, mask: bool =
 # ----------------------------------------------------------------------------------------------------
 
 
+def _keys_outside(N: int, d: int, B_r: int, B_c: int, causal: bool, e: int, visit, key_block_writes: int) -> IOCount:
+    """Walk key blocks outside (K_j, V_j read once each) and query blocks inside.
+
+    ``visit(rows, first)`` is the traffic of one (key block, query block) tile; ``first`` is True the
+    first time a query block is met (nothing of it is in HBM yet). Each key block then writes
+    ``key_block_writes`` elements per key row (dK_j, dV_j in the backward pass).
+    """
+    io, started = IOCount(0, 0), set()
+    for j0, cols in _blocks(N, B_c):
+        # K_j, V_j: read once
+        io += IOCount(2 * cols * d * e, 0)
+        for i0, rows in _blocks(N, B_r):
+            if _visible(i0, rows, j0, causal):
+                io += visit(rows, i0 not in started)
+                started.add(i0)
+        io += IOCount(0, key_block_writes * cols * d * e)
+    return io
+
+
 def fa1_forward_io(N: int, d: int, B_r: int, B_c: int, *, causal: bool = False, bytes_per_element: int = 2) -> IOCount:
     """FlashAttention-1's forward: key blocks outside, query blocks inside.
 
@@ -169,19 +188,14 @@ def fa1_forward_io(N: int, d: int, B_r: int, B_c: int, *, causal: bool = False, 
     starts from the empty state (Algorithm 1 as written also zero-fills O, ℓ, m in HBM and reads
     them back: an implementation skips that).
     """
-    e, io, started = bytes_per_element, IOCount(0, 0), set()
-    for j0, cols in _blocks(N, B_c):
-        # K_j, V_j: read once
-        io += IOCount(2 * cols * d * e, 0)
-        for i0, rows in _blocks(N, B_r):
-            if not _visible(i0, rows, j0, causal):
-                continue
-            # Q_i, and the partial O_i, ℓ_i, m_i of the key blocks before (none the first time)
-            io += IOCount(rows * d * e + (rows * d * e + 2 * rows * STAT_BYTES if i0 in started else 0), 0)
-            # O_i, ℓ_i, m_i written back after every key block
-            io += IOCount(0, rows * d * e + 2 * rows * STAT_BYTES)
-            started.add(i0)
-    return io
+    e = bytes_per_element
+
+    def visit(rows, first):
+        # read Q_i and (after the first key block) the partial O_i, ℓ_i, m_i; write O_i, ℓ_i, m_i back
+        partial = rows * d * e + 2 * rows * STAT_BYTES
+        return IOCount(rows * d * e + (0 if first else partial), partial)
+
+    return _keys_outside(N, d, B_r, B_c, causal, e, visit, key_block_writes=0)
 
 
 def fa2_forward_io(N: int, d: int, B_r: int, B_c: int, *, causal: bool = False, bytes_per_element: int = 2) -> IOCount:
@@ -202,42 +216,29 @@ def fa2_forward_io(N: int, d: int, B_r: int, B_c: int, *, causal: bool = False, 
 def fa1_backward_io(N: int, d: int, B_r: int, B_c: int, *, causal: bool = False, bytes_per_element: int = 2) -> IOCount:
     """FlashAttention-1's backward (its Algorithm 4): key blocks outside, dK_j, dV_j kept on chip;
     every query block reads Q_i, O_i, dO_i, ℓ_i, m_i and adds its share into dQ_i in HBM."""
-    e, io, started = bytes_per_element, IOCount(0, 0), set()
-    for j0, cols in _blocks(N, B_c):
-        # K_j, V_j
-        io += IOCount(2 * cols * d * e, 0)
-        for i0, rows in _blocks(N, B_r):
-            if not _visible(i0, rows, j0, causal):
-                continue
-            # Q_i, O_i, dO_i (D_i = rowsum(dO_i ∘ O_i) is recomputed here), ℓ_i, m_i
-            io += IOCount(3 * rows * d * e + 2 * rows * STAT_BYTES, 0)
-            # dQ_i += dS_ij K_j: read (except the first time) and write back
-            io += IOCount(rows * d * e if i0 in started else 0, rows * d * e)
-            started.add(i0)
-        # dK_j, dV_j
-        io += IOCount(0, 2 * cols * d * e)
-    return io
+    e = bytes_per_element
+
+    def visit(rows, first):
+        # Q_i, O_i, dO_i (D_i = rowsum(dO_i ∘ O_i) is recomputed here), ℓ_i, m_i;
+        # dQ_i += dS_ij K_j: read (except the first time) and written back
+        reads = 3 * rows * d * e + 2 * rows * STAT_BYTES + (0 if first else rows * d * e)
+        return IOCount(reads, rows * d * e)
+
+    return _keys_outside(N, d, B_r, B_c, causal, e, visit, key_block_writes=2)
 
 
 def fa2_backward_io(N: int, d: int, B_r: int, B_c: int, *, causal: bool = False, bytes_per_element: int = 2) -> IOCount:
     """FlashAttention-2's backward (its Algorithm 2): D = rowsum(dO ∘ O) first, in a pass of its own;
     then key blocks outside, reading Q_i, dO_i, L_i, D_i and adding into dQ_i (atomic adds in HBM)."""
     e = bytes_per_element
+
+    def visit(rows, first):
+        # Q_i, dO_i, L_i, D_i; dQ_i += dS_ij K_j as an atomic add, which reads and writes dQ_i
+        return IOCount(2 * rows * d * e + 2 * rows * STAT_BYTES + rows * d * e, rows * d * e)
+
     # D = rowsum(dO ∘ O): read O and dO, write D; dQ zero-filled for the atomic adds
-    io = IOCount(2 * N * d * e, N * STAT_BYTES + N * d * e)
-    for j0, cols in _blocks(N, B_c):
-        # K_j, V_j
-        io += IOCount(2 * cols * d * e, 0)
-        for i0, rows in _blocks(N, B_r):
-            if not _visible(i0, rows, j0, causal):
-                continue
-            # Q_i, dO_i, L_i, D_i
-            io += IOCount(2 * rows * d * e + 2 * rows * STAT_BYTES, 0)
-            # dQ_i += dS_ij K_j: an atomic add reads and writes dQ_i
-            io += IOCount(rows * d * e, rows * d * e)
-        # dK_j, dV_j
-        io += IOCount(0, 2 * cols * d * e)
-    return io
+    preprocess = IOCount(2 * N * d * e, N * STAT_BYTES + N * d * e)
+    return preprocess + _keys_outside(N, d, B_r, B_c, causal, e, visit, key_block_writes=2)
 
 
 _WALKS = {("fa1", False): fa1_forward_io, ("fa2", False): fa2_forward_io,
