@@ -1,11 +1,15 @@
 """Measurements, figures and widgets the notebooks call, so that a notebook only explains and calls.
 
 Every ``plot_*`` function draws one figure with labelled axes and units and returns it. Every
-``*_stepper``/``*_walker`` function returns an ipywidgets slider wired to a ``plot_*`` function; it
-builds without a browser (the executed notebooks in the test suite build them headless).
+``*_stepper``/``*_walker`` function returns an ipywidgets slider wired to a ``plot_*`` function; where
+no slider can work (no Jupyter kernel, or ``FLASHCOURSE_STATIC_WIDGETS=1`` as the notebook tests set)
+it shows that function's figure instead.
 """
 
+import io
+import itertools
 import math
+import os
 from typing import Callable, Dict, List, NamedTuple, Optional, Sequence
 
 import matplotlib.pyplot as plt
@@ -86,6 +90,8 @@ def plot_matrices(mats: Dict[str, torch.Tensor], *, xlabel="key index j", ylabel
         ax.set_title(title)
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
+        for axis in (ax.xaxis, ax.yaxis):  # indices: whole numbers only
+            axis.set_major_locator(plt.MaxNLocator(integer=True))
     fig.tight_layout()
     return fig
 
@@ -94,21 +100,22 @@ def plot_memory_scaling(Ns: Sequence[int], measured: Dict[str, Sequence[float]],
                         scale_label: str = "", limits: Optional[Dict[str, float]] = None, extrapolate_to: int = 0):
     """Peak memory (GiB) against N on log-log axes, each curve fitted as c·N^p and extrapolated.
 
-    ``measured`` maps a label to bytes for one (batch, head); ``scale`` multiplies them (e.g. B·H of a
-    real model, named by ``scale_label``); ``limits`` maps a GPU name to its memory in bytes and draws
-    where each curve crosses it.
+    ``measured`` maps a label to bytes for one (batch, head), one per N of ``Ns`` (None where not
+    measured); ``scale`` multiplies them (e.g. B·H of a real model, named by ``scale_label``);
+    ``limits`` maps a GPU name to its memory in bytes and draws where each curve crosses it.
     """
     fig, ax = plt.subplots(figsize=(7, 4.5))
     N_max = max(extrapolate_to, max(Ns))
     grid = torch.logspace(math.log10(min(Ns)), math.log10(N_max), 100, dtype=torch.float64)
-    logN = torch.tensor(Ns, dtype=torch.float64).log()
     for label, ys in measured.items():
-        y = torch.tensor(ys, dtype=torch.float64) * scale
+        Nm = [N for N, b in zip(Ns, ys) if b is not None]
+        y = torch.tensor([b for b in ys if b is not None], dtype=torch.float64) * scale
+        logN = torch.tensor(Nm, dtype=torch.float64).log()
         # fit log y = p log N + log c on the largest three sizes (small N is dominated by fixed costs)
         p, logc = torch.linalg.lstsq(torch.stack([logN[-3:], torch.ones(3, dtype=torch.float64)], 1),
                                      y[-3:].log()[:, None]).solution[:, 0]
         fit = (logc + p * grid.log()).exp()
-        line = ax.plot(Ns, (y / GiB).tolist(), "o", label=f"{label}: measured")[0]
+        line = ax.plot(Nm, (y / GiB).tolist(), "o", label=f"{label}: measured")[0]
         ax.plot(grid.tolist(), (fit / GiB).tolist(), "--", color=line.get_color(), label=f"{label}: fit ∝ N^{p:.2f}")
         for name, cap in (limits or {}).items():
             N_out = float(((math.log(cap) - logc) / p).exp())
@@ -156,21 +163,28 @@ def online_softmax_trace(s: torch.Tensor, v: torch.Tensor, block: int) -> List[O
 
 def plot_online_step(s: torch.Tensor, v: torch.Tensor, block: int, step: int):
     """Three panels for one step of the online softmax over the row s (N,) with values v (N, d)."""
+    from matplotlib.patches import Patch
+
     trace = online_softmax_trace(s, v, block)
-    step = max(0, min(step, len(trace) - 1))
+    n_blocks = len(trace) - 1
+    step = max(0, min(step, n_blocks))
     cur = trace[step]
     exact = torch.softmax(s.double(), -1).to(v.dtype) @ v
-    fig, (a0, a1, a2) = plt.subplots(1, 3, figsize=(14, 3.6))
+    fig, (a0, a1, a2) = plt.subplots(1, 3, figsize=(14, 4.4))
     idx = torch.arange(s.shape[-1])
     seen = idx < cur.end
-    a0.bar(idx[seen].tolist(), s[seen].tolist(), color="tab:blue", label="read")
-    a0.bar(idx[~seen].tolist(), s[~seen].tolist(), color="lightgray", label="not read yet")
+    a0.bar(idx.tolist(), s.tolist(), color=["tab:blue" if x else "lightgray" for x in seen.tolist()])
     for b in range(block, s.shape[-1], block):
         a0.axvline(b - 0.5, color="k", lw=0.5, alpha=0.4)
+    handles = [Patch(color="tab:blue", label=f"read: blocks 1–{step}")] if step else []
+    if step < n_blocks:
+        handles.append(Patch(color="lightgray", label=f"not read yet: blocks {step + 1}–{n_blocks}"))
     if step > 0:
-        a0.axhline(cur.state.m.item(), color="tab:red", ls="--", label=f"running max m = {cur.state.m.item():.2f}")
-    _style(a0, "key index j", "score s_j (logit, unitless)", f"after block {step} of {len(trace) - 1}")
-    a0.legend(fontsize=8, loc="lower left")
+        a0.axhline(cur.state.m.item(), color="tab:red", ls="--")
+        handles.append(plt.Line2D([], [], color="tab:red", ls="--", label=f"running max m = {cur.state.m.item():.2f}"))
+    title = f"after block {step} of {n_blocks}: keys 0–{cur.end - 1} read" if step else f"before block 1 of {n_blocks}"
+    _style(a0, "key index j", "score s_j (logit, unitless)", title)
+    a0.legend(handles=handles, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2)
 
     ends = [t.end for t in trace[1:]]
     ms = [t.state.m.item() for t in trace[1:]]
@@ -178,12 +192,20 @@ def plot_online_step(s: torch.Tensor, v: torch.Tensor, block: int, step: int):
     a1.plot(ends, ms, "o-", color="tab:red", label="m (running max)")
     a1b = a1.twinx()
     a1b.plot(ends, ls, "s-", color="tab:green", label="ℓ (running sum of exp(s − m))")
+    # where a block raises the max most, the old sum shrinks by e^{m_old − m_new} before the new terms come
+    jumps = [t for t in range(1, len(ms)) if ms[t] > ms[t - 1]]
+    if jumps:
+        t = max(jumps, key=lambda t: ms[t] - ms[t - 1])
+        a1b.annotate(f"block {t + 1} raises m by {ms[t] - ms[t - 1]:.2f}:\nold ℓ × e^(−{ms[t] - ms[t - 1]:.2f}),"
+                     f"\nthen + its new terms", (ends[t], ls[t]), xytext=(0.04, 0.62), textcoords="axes fraction",
+                     fontsize=8, color="tab:green", arrowprops=dict(arrowstyle="->", color="tab:green", lw=1))
     if step > 0:
         a1.axvline(cur.end, color="k", alpha=0.3)
     _style(a1, "keys read so far", "m (logit)", "the running statistics")
     a1b.set_ylabel("ℓ (sum of weights, unitless)")
-    a1.legend(loc="upper left", fontsize=8)
-    a1b.legend(loc="lower right", fontsize=8)
+    lines = a1.get_lines()[:1] + a1b.get_lines()[:1]
+    a1.legend(lines, [ln.get_label() for ln in lines], fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16),
+              ncol=2)
 
     d = min(v.shape[-1], 8)
     x = torch.arange(d)
@@ -191,29 +213,109 @@ def plot_online_step(s: torch.Tensor, v: torch.Tensor, block: int, step: int):
     a2.bar((x + 0.2).tolist(), exact[:d].tolist(), width=0.4, label="softmax(s) v (all keys)")
     err = (cur.output - exact).abs().max().item()
     _style(a2, "output feature", "value (unitless)", f"partial output, max |error| = {err:.2e}")
-    a2.legend(fontsize=8)
+    a2.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
+    a2.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2)
     fig.tight_layout()
     return fig
 
 
+def plot_merge_trees(s: torch.Tensor, v: torch.Tensor, cuts: Sequence[int]):
+    """One row of scores s (N,) with values v (N, d), cut at ``cuts`` into four slices A, B, C, D, merged
+    as the online softmax does, ((A ⊕ B) ⊕ C) ⊕ D, and as a parallel tree, (A ⊕ B) ⊕ (C ⊕ D).
+    Every node shows its (m, ℓ); the two roots are the same state."""
+    bounds = [0, *cuts, s.shape[-1]]
+    if len(bounds) != 5:
+        raise ValueError(f"cuts must split the row into four slices, got cuts={list(cuts)}")
+    leaves = {name: block_state(s[None, a:b], v[a:b]) for name, a, b in zip("ABCD", bounds, bounds[1:])}
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.2))
+
+    def node(ax, x, y, name, state, color="white"):
+        o = (state.o / state.l[..., None]).flatten()[:2].tolist()
+        text = f"{name}\nm = {state.m.item():.3f}\nℓ = {state.l.item():.4f}\no/ℓ = ({o[0]:.3f}, {o[1]:.3f}, …)"
+        ax.text(x, y, text, ha="center", va="center", fontsize=7.5, bbox=dict(boxstyle="round", fc=color, ec="0.4"))
+        return (x, y, state)
+
+    def merge(ax, left, right, x, y, name, color="white"):
+        for child in (left, right):
+            ax.plot([child[0], x], [child[1], y], color="0.5", lw=1, zorder=0)
+        return node(ax, x, y, name, merge_states(left[2], right[2]), color)
+
+    roots = []
+    for ax, tree in zip(axes, ("chain", "balanced")):
+        A, B, C, D = (node(ax, x, 0, f"{n}: keys {a}–{b - 1}", leaves[n])
+                      for x, n, a, b in zip(range(4), "ABCD", bounds, bounds[1:]))
+        AB = merge(ax, A, B, 0.5, 1, "A ⊕ B")
+        if tree == "chain":
+            root = merge(ax, merge(ax, AB, C, 1.3, 2, "(A ⊕ B) ⊕ C"), D, 2.1, 3, "((A ⊕ B) ⊕ C) ⊕ D", "lightyellow")
+            title = "the online softmax's order: one block at a time"
+        else:
+            root = merge(ax, AB, merge(ax, C, D, 2.5, 1, "C ⊕ D"), 1.5, 2, "(A ⊕ B) ⊕ (C ⊕ D)", "lightyellow")
+            title = "a parallel tree: two workers, then one merge"
+        roots.append(root[2])
+        ax.set_xlim(-0.6, 3.6)
+        ax.set_ylim(-0.6, 3.6)
+        ax.set_xticks([])
+        ax.set_yticks([0, 1, 2, 3])
+        _style(ax, "slices of one row, left to right", "merge depth", title)
+        ax.grid(False)
+    err = (finalize(roots[0])[0] - finalize(roots[1])[0]).abs().max().item()
+    fig.suptitle(f"the same state at both roots: |O difference| = {err:.1e}", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+STATIC_WIDGETS_ENV = "FLASHCOURSE_STATIC_WIDGETS"
+
+
+def widgets_live() -> bool:
+    """Whether a slider can work here: inside a Jupyter kernel, with ipywidgets, and not switched off.
+
+    ``FLASHCOURSE_STATIC_WIDGETS=1`` switches sliders off: the notebook tests set it, because a kernel
+    without a front end never answers a widget's messages and a headless run could wait on them.
+    """
+    if os.environ.get(STATIC_WIDGETS_ENV, "").strip().lower() not in ("", "0", "false", "no"):
+        return False
+    try:
+        import ipywidgets  # noqa: F401
+        from IPython import get_ipython
+    except ImportError:
+        return False
+    shell = get_ipython()
+    return shell is not None and getattr(shell, "kernel", None) is not None
+
+
+def _png(fig) -> bytes:
+    """The figure as PNG bytes; the figure is closed (so that the inline backend does not show it too)."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=90)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
 def _slider_widget(draw: Callable[[int], object], n_steps: int, description: str, value: int = 0):
-    """An IntSlider over 0..n_steps−1 that redraws ``draw(step)`` into an Output below it."""
+    """An IntSlider over 0..n_steps−1 with the PNG of ``draw(step)`` below it.
+
+    Where sliders cannot work (``widgets_live()`` is False) it shows the figure of step ``value`` and
+    returns None: the same picture, with nothing that waits for a front end.
+    """
+    if not widgets_live():
+        fig = draw(value)
+        try:
+            from IPython.display import display
+
+            display(fig)
+            plt.close(fig)
+        except ImportError:
+            pass
+        return None
     import ipywidgets as widgets
 
     slider = widgets.IntSlider(value=value, min=0, max=max(n_steps - 1, 0), description=description,
                                continuous_update=False)
-    out = widgets.Output()
-
-    def redraw(change=None):
-        out.clear_output(wait=True)
-        with out:
-            fig = draw(slider.value)
-            plt.show()
-            plt.close(fig)
-
-    slider.observe(redraw, names="value")
-    redraw()
-    return widgets.VBox([slider, out])
+    # an Image widget, not an Output widget: no display hooks, so nothing depends on the front end
+    image = widgets.Image(value=_png(draw(value)), format="png")
+    slider.observe(lambda change: setattr(image, "value", _png(draw(change["new"]))), names="value")
+    return widgets.VBox([slider, image])
 
 
 def online_softmax_stepper(s: torch.Tensor, v: torch.Tensor, block: int):
@@ -264,27 +366,32 @@ def tile_schedule(Nq: int, Nk: int, block_m: int, block_n: int, causal: bool = F
     return tiles
 
 
-TILE_COLORS = {"full": "tab:blue", "masked": "tab:orange", "skipped": "whitesmoke"}
+TILE_COLORS = {"full": "tab:blue", "masked": "tab:orange", "skipped": "white"}
+TILE_LABELS = {"full": "computed, no mask", "masked": "computed, masked (crosses the mask edge)",
+               "skipped": "skipped: never loaded, never computed"}
+_SKIPPED_STYLE = dict(hatch="///", edgecolor="0.55")
 
 
 def plot_tiles(Nq: int, Nk: int, block_m: int, block_n: int, causal: bool = False, step: Optional[int] = None,
                window: Optional[int] = None):
     """The score matrix cut into B_r × B_c tiles: computed, masked on the diagonal, or skipped.
 
-    With ``step``, the tiles computed so far are drawn solid, the current one outlined in red, and the
-    on-chip working set of that step (Q_i, K_j, V_j, the S_ij tile) is listed in the title.
+    With ``step``, the tiles computed so far are drawn solid, those still to come faded, and the current
+    one outlined in red: its Q_i, K_j, V_j and S_ij are the working set in SRAM at that step.
     """
-    from matplotlib.patches import Rectangle
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch, Rectangle
 
     tiles = tile_schedule(Nq, Nk, block_m, block_n, causal, window)
     computed = [t for t in tiles if t.kind != "skipped"]
-    fig, ax = plt.subplots(figsize=(7.5, 5.0 * min(2.0, max(0.5, Nq / Nk))))
+    fig, ax = plt.subplots(figsize=(7.5, 1.6 + 4.6 * min(2.0, max(0.5, Nq / Nk))))
     current = computed[min(step, len(computed) - 1)] if step is not None and computed else None
     done = set(computed[: computed.index(current) + 1]) if current else set(computed)
     for t in tiles:
-        alpha = 0.9 if (t in done or t.kind == "skipped") else 0.25
-        ax.add_patch(Rectangle((t.j0, t.i0), t.cols, t.rows, facecolor=TILE_COLORS[t.kind], edgecolor="k",
-                               lw=0.6, alpha=alpha))
+        faded = t.kind != "skipped" and t not in done
+        style = _SKIPPED_STYLE if t.kind == "skipped" else dict(edgecolor="k")
+        ax.add_patch(Rectangle((t.j0, t.i0), t.cols, t.rows, facecolor=TILE_COLORS[t.kind], lw=0.6,
+                               alpha=0.25 if faded else 0.9, **style))
     # the edges of the visible region: row i sees columns i + Nk − Nq − window + 1 .. i + Nk − Nq
     edges = ([1] if causal else []) + ([1 - window] if window is not None else [])
     for shift in edges:
@@ -299,14 +406,21 @@ def plot_tiles(Nq: int, Nk: int, block_m: int, block_n: int, causal: bool = Fals
     n_skip = sum(t.kind == "skipped" for t in tiles)
     title = f"{len(computed)} tiles computed, {n_skip} skipped (B_r={block_m}, B_c={block_n})"
     if current:
-        title = (f"step {computed.index(current)}: Q_i rows {current.i0}–{current.i0 + current.rows - 1}, "
+        title = (f"step {computed.index(current)} of {len(computed)}: Q_i rows {current.i0}–{current.i0 + current.rows - 1}, "
                  f"K_j,V_j rows {current.j0}–{current.j0 + current.cols - 1}\n({current.kind} tile)")
     ax.set_title(title, fontsize=9)
     ax.set_xlabel("key index j (tokens)")
     ax.set_ylabel("query index i (tokens)")
-    handles = [Rectangle((0, 0), 1, 1, color=c) for c in TILE_COLORS.values()]
-    ax.legend(handles, ["computed, no mask", "computed, masked (on a mask edge)", "skipped"], fontsize=8,
-              loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    handles = [Patch(facecolor=TILE_COLORS[k], label=TILE_LABELS[k], alpha=0.9,
+                     **(_SKIPPED_STYLE if k == "skipped" else dict(edgecolor="k")))
+               for k in TILE_LABELS if k != "masked" or edges]
+    if current:
+        handles += [Patch(facecolor="tab:blue", edgecolor="k", alpha=0.25, label="not computed yet (faded)"),
+                    Patch(fill=False, edgecolor="red", lw=2.5, label="in SRAM now: Q_i, K_j, V_j, S_ij")]
+    if edges:
+        handles.append(Line2D([], [], color="tab:red", lw=1.2, label="mask edge (last key a query sees)"
+                              if not window else "mask edges (first and last key a query sees)"))
+    ax.legend(handles=handles, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2)
     fig.tight_layout()
     return fig
 
@@ -317,33 +431,321 @@ def tile_walker(Nq: int, Nk: int, block_m: int, block_n: int, causal: bool = Fal
     return _slider_widget(lambda t: plot_tiles(Nq, Nk, block_m, block_n, causal, step=t), n, "tile")
 
 
-def plot_io(Ns: Sequence[int], d: int, M: int, blocks: Sequence[int], *, N_fixed: int = 4096):
-    """HBM traffic of standard vs tiled attention: against N (left) and against the block size (right).
+def plot_by_hand(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_n: int, scale: float = 1.0):
+    """A forward pass small enough to follow by hand: S = scale·q kᵀ for q (Nq, d), k, v (Nk, d), one
+    query block, key blocks of ``block_n``. One panel for S, then one after each key block with
+    P̃ = exp(S − m) of the keys read so far and each row's running m, ℓ and o = Σ P̃ v."""
+    S = scale * (q.double() @ k.double().T)
+    traces = [online_softmax_trace(S[r], v.double(), block_n) for r in range(S.shape[0])]
+    steps = len(traces[0]) - 1
+    fig, axes = plt.subplots(1, steps + 1, figsize=(4.6 * (steps + 1), 3.6))
+    Nq, Nk = S.shape
 
-    Markers are counts from walking the loops (``flashcourse.iomodel``), lines the closed forms.
+    def grid(ax, values, title, cmap):
+        ax.imshow(values.numpy(), cmap=cmap, vmin=float(S.min()) if cmap == "coolwarm" else 0, aspect="auto",
+                  vmax=float(S.max()) if cmap == "coolwarm" else 1)
+        for (r, c), x in zip(itertools.product(range(Nq), range(Nk)), values.flatten().tolist()):
+            dark = cmap == "Greens" and x > 0.6
+            ax.text(c, r, "·" if math.isnan(x) else f"{x:.3g}", ha="center", va="center", fontsize=9,
+                    color="w" if dark else "k")
+        for j0 in range(0, Nk, block_n):
+            ax.add_patch(plt.Rectangle((j0 - 0.5, -0.5), min(block_n, Nk - j0), Nq, fill=False, lw=2, ec="k"))
+        ax.set_xticks(range(Nk))
+        ax.set_yticks(range(Nq))
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("key index j")
+        ax.set_ylabel("query index i")
+
+    grid(axes[0], S, f"S = {scale:g}·QKᵀ, key blocks of {block_n} framed", "coolwarm")
+    for t in range(1, steps + 1):
+        end = traces[0][t].end
+        m = torch.stack([tr[t].state.m for tr in traces])
+        P = torch.exp(S - m[:, None]).masked_fill(torch.arange(Nk)[None, :] >= end, float("nan"))
+        grid(axes[t], P, f"after key block {t}: P̃ = exp(S − m), keys 0–{end - 1}", "Greens")
+        for r, tr in enumerate(traces):
+            state, before = tr[t].state, tr[t - 1].state
+            rescaled = t > 1 and state.m > before.m
+            note = f"m={state.m.item():.3g} ℓ={state.l.item():.3g}\no=({', '.join(f'{x:.3g}' for x in state.o.tolist())})"
+            if rescaled:
+                note += f"\nm grew: old terms × e^({before.m.item() - state.m.item():.3g})"
+            axes[t].text(Nk - 0.3, r, note, fontsize=7.5, va="center", color="tab:red" if rescaled else "k")
+        axes[t].set_xlim(-0.5, Nk + 2.6)
+    fig.tight_layout()
+    return fig
+
+
+def plot_loop_orders(n_units: int = 8):
+    """FlashAttention-1 against FlashAttention-2 on an N × N score matrix of ``n_units`` units a side.
+
+    (a) FA1: key blocks outside (2 units wide), query blocks inside, all in one program per (batch, head);
+    numbers are the visiting order. (b) FA2: query blocks outside (2 units tall), one program each,
+    key blocks inside; numbers are steps within a program. (c) inside one tile, how the four warps of a
+    program share S_ij: FA1 splits K_j (columns), FA2 splits Q_i (rows).
+    """
+    from matplotlib.patches import Rectangle
+
+    fig, axes = plt.subplots(1, 4, figsize=(16, 4.6), gridspec_kw=dict(width_ratios=[1, 1, 0.62, 0.62]))
+    n, colors = n_units, plt.get_cmap("tab10").colors
+
+    def matrix(ax, rows, cols, label, color):
+        for i, j in itertools.product(range(n // rows), range(n // cols)):
+            number, c = label(i, j), color(i, j)
+            ax.add_patch(Rectangle((j * cols, i * rows), cols, rows, facecolor=c, edgecolor="k", lw=0.8, alpha=0.55))
+            ax.text(j * cols + cols / 2, i * rows + rows / 2, number, ha="center", va="center", fontsize=8)
+        ax.set_xlim(-0.3, n + 0.3)
+        ax.set_ylim(n + 1.6, -1.5)
+        ax.set_aspect("equal")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_xlabel("keys j  →")
+        ax.set_ylabel("queries i  →")
+
+    T_r1, T_c2 = n, n
+    matrix(axes[0], 1, 2, lambda i, j: j * T_r1 + i + 1, lambda i, j: colors[0])
+    axes[0].annotate("", (n, -0.5), (0, -0.5), arrowprops=dict(arrowstyle="->", lw=1.5))
+    axes[0].text(n / 2, -0.7, "outer: K_j, V_j read once", ha="center", va="bottom", fontsize=8)
+    axes[0].text(n / 2, n + 0.25, "inner: Q_i read and O_i, ℓ_i, m_i read + written\nonce per key block "
+                 "(T_c times); one program\nper (batch, head): B·H programs in all", ha="center", va="top", fontsize=8)
+    axes[0].set_title("(a) FlashAttention-1: keys outside", fontsize=10)
+
+    matrix(axes[1], 2, 1, lambda i, j: j + 1, lambda i, j: colors[i % 10])
+    axes[1].annotate("", (n, -0.5), (0, -0.5), arrowprops=dict(arrowstyle="->", lw=1.5))
+    axes[1].text(n / 2, -0.7, "inner: K_j, V_j re-read by every program", ha="center", va="bottom", fontsize=8)
+    axes[1].text(n / 2, n + 0.25, f"outer: one program per query block (colour),\nin parallel over the sequence: "
+                 f"B·H·T_r programs;\nO_i, L_i written once, after step {T_c2}", ha="center", va="top", fontsize=8)
+    axes[1].set_title("(b) FlashAttention-2: queries outside", fontsize=10)
+
+    for ax, split, title, note in (
+            (axes[2], "cols", "(c) FA1 tile: warps split K_j", "each warp has every row's\npartial P̃V: "
+             "summed through\nshared memory"),
+            (axes[3], "rows", "(d) FA2 tile: warps split Q_i", "each warp owns its rows:\nm, ℓ, O private, "
+             "no\nexchange between warps")):
+        for w in range(4):
+            xy, wh = ((w, 0), (1, 4)) if split == "cols" else ((0, w), (4, 1))
+            ax.add_patch(Rectangle(xy, *wh, facecolor=colors[w + 4], edgecolor="k", alpha=0.6))
+            ax.text(xy[0] + wh[0] / 2, xy[1] + wh[1] / 2, f"warp {w}", ha="center", va="center", fontsize=8,
+                    rotation=90 if split == "cols" else 0)
+        ax.set_xlim(-0.3, 4.3)
+        ax.set_ylim(6.4, -0.6)
+        ax.set_aspect("equal")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_xlabel("B_c keys of K_j")
+        ax.set_ylabel("B_r rows of Q_i")
+        ax.text(2, 4.3, note, ha="center", va="top", fontsize=8)
+        ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def plot_io(Ns: Sequence[int], d: int, M: int, *, fa2_blocks=(128, 64), N_fixed: int = 4096,
+            Ms: Optional[Sequence[int]] = None):
+    """HBM traffic of standard attention and of FlashAttention's two loop orders (forward, fp16, one head).
+
+    Left: against N, FlashAttention-1 with the paper's blocks for SRAM size ``M`` and FlashAttention-2
+    with its kernels' ``fa2_blocks`` (B_r, B_c); markers are counts from walking the loops
+    (``flashcourse.iomodel``), lines the closed forms. Right: the closed forms against M at ``N_fixed``,
+    each loop order with the blocks M allows, and FlashAttention-2's loops with FlashAttention-1's
+    blocks (B_r <= d).
     """
     from . import iomodel
 
-    fig, (a0, a1) = plt.subplots(1, 2, figsize=(12, 4.2))
-    std = [iomodel.standard_attention_io(N, d).total / 2**20 for N in Ns]
-    fl = [iomodel.flash_attention_io(N, d, M).total / 2**20 for N in Ns]
-    a0.plot(Ns, std, "o", color="tab:red", label="standard: counted")
-    a0.plot(Ns, [iomodel.standard_closed_form(N, d) / 2**20 for N in Ns], "-", color="tab:red",
-            label="standard: 2(4Nd + 4N²) bytes")
-    a0.plot(Ns, fl, "s", color="tab:blue", label=f"tiled (M = {M:,} elements): counted")
-    a0.plot(Ns, [iomodel.flash_closed_form(N, d, M) / 2**20 for N in Ns], "-", color="tab:blue",
-            label="tiled: closed form ≈ 2N²d / B_r")
-    a0.set_xscale("log")
+    MiB = 2**20
+    fig, (a0, a1) = plt.subplots(1, 2, figsize=(13, 5.4))
+    B_r1, B_c1 = iomodel.block_sizes(M, d, "fa1")
+    curves = {  # label: (color, marker, dict of flash_attention_io arguments; None = standard)
+        "standard (3 kernels)": ("tab:red", "o", None),
+        f"FA1 loops, B_c = ⌈M/4d⌉ = {B_c1}, B_r = {B_r1}": ("tab:blue", "s", dict(M=M, order="fa1")),
+        f"FA2 loops, B_r = {fa2_blocks[0]}, B_c = {fa2_blocks[1]} (its kernels)":
+            ("tab:green", "^", dict(block_m=fa2_blocks[0], block_n=fa2_blocks[1], order="fa2")),
+    }
+    for label, (color, marker, kw) in curves.items():
+        walked = [(iomodel.standard_attention_io(N, d) if kw is None else iomodel.flash_attention_io(N, d, **kw)).total
+                  for N in Ns]
+        closed = [iomodel.standard_closed_form(N, d) if kw is None else iomodel.flash_closed_form(N, d, **kw) for N in Ns]
+        a0.plot(Ns, [w / MiB for w in walked], marker, color=color)
+        a0.plot(Ns, [c / MiB for c in closed], "-", color=color, label=f"{label}: {closed[-1] / Ns[-1] ** 2 / 2:.2f}·N²")
+    a0.set_xscale("log", base=2)
     a0.set_yscale("log")
-    _style(a0, "sequence length N (tokens)", "HBM traffic per head (MiB, fp16)", f"against N (d = {d})")
-    a0.legend(fontsize=8)
-    per_block = [iomodel.flash_attention_io(N_fixed, d, block_m=b, block_n=b).total / 2**20 for b in blocks]
-    a1.plot(blocks, per_block, "s-", color="tab:blue", label="tiled, B_r = B_c = block")
-    a1.axhline(iomodel.standard_attention_io(N_fixed, d).total / 2**20, color="tab:red", ls="--", label="standard")
+    _style(a0, "sequence length N (tokens)", "HBM traffic per head (MiB, fp16)",
+           f"against N (d = {d}, M = {M:,} elements); markers: loops walked")
+    a0.legend(fontsize=8, title="lines: closed forms, in elements", title_fontsize=8)
+
+    N = N_fixed
+    Ms = list(Ms or [4 * d * 2**k for k in range(2, 11) if 4 * d * 2**k <= N * d])
+    std = iomodel.standard_attention_io(N, d).total / MiB
+    a1.axhline(std, color="tab:red", label="standard (3 kernels)")
+    by_rule = {
+        "FA1 loops, FA1 blocks: B_c = ⌈M/4d⌉, B_r = min(B_c, d)": ("tab:blue", "s", "fa1", "fa1"),
+        "FA2 loops, FA2-style blocks: B_r = ⌈M/4d⌉, B_c = min(B_r, d)": ("tab:green", "^", "fa2", "fa2"),
+        "FA2 loops, FA1 blocks (B_r <= d): K, V re-read >= N/d times": ("tab:purple", "v", "fa2", "fa1"),
+    }
+    for label, (color, marker, order, rule) in by_rule.items():
+        blocks = [iomodel.block_sizes(m, d, rule) for m in Ms]
+        ys = [iomodel.flash_closed_form(N, d, block_m=b[0], block_n=b[1], order=order) / MiB for b in blocks]
+        a1.plot(Ms, ys, marker + "-", color=color, label=label)
+    bound = [2 * iomodel.lower_bound_shape(N, d, m) / MiB for m in Ms]
+    a1.plot(Ms, bound, "k--", lw=1, label="N²d²/M elements: the lower bound's growth")
+    small = [m for m in Ms if iomodel.block_sizes(m, d, "fa1")[0] < d / 2]
+    if small:
+        a1.axvspan(Ms[0] / 1.3, small[-1] * 1.4, color="tab:purple", alpha=0.08)
+        a1.text(Ms[0], min(bound), "SRAM this small: blocks of < d/2 rows\nre-read so often that every tiled loop\n"
+                "moves more bytes than S and P", fontsize=7.5, color="tab:purple", va="bottom")
+    for name, shared_kb in (("A100", 164), ("H100", 227)):  # shared memory per block, in fp16 elements
+        m = shared_kb * 1024 // 2
+        if Ms[0] <= m <= Ms[-1]:
+            a1.axvline(m, color="gray", ls=":", lw=1)
+            a1.text(m * 1.04, max(bound) * 3, f"{name}: {shared_kb} KB", rotation=90, fontsize=7, color="gray")
     a1.set_xscale("log", base=2)
     a1.set_yscale("log")
-    _style(a1, "block size B_r = B_c (rows)", "HBM traffic per head (MiB, fp16)", f"against block size (N = {N_fixed}, d = {d})")
-    a1.legend(fontsize=8)
+    _style(a1, "SRAM size M (elements)", "HBM traffic per head (MiB, fp16)",
+           f"against the SRAM size (N = {N}, d = {d}); closed forms")
+    a1.legend(fontsize=7.5, loc="upper center", bbox_to_anchor=(0.45, -0.14), ncol=2)
+    fig.tight_layout()
+    return fig
+
+
+def plot_paper_comparison(comparison):
+    """The FlashAttention-1 paper's GPT-2 measurement next to the model of it (``iomodel.fa1_paper_comparison``):
+    standard attention's passes stacked, FlashAttention's forward + backward, the measured GB as lines."""
+    fig, ax = plt.subplots(figsize=(9, 4.6))
+    colors = iter(plt.get_cmap("tab20").colors)
+    for x, bars in ((0, [(f"fwd: {p.name}", p.io) for p in comparison.standard_forward]
+                     + [(f"bwd: {p.name}", p.io) for p in comparison.standard_backward]),
+                    (1, [("fwd: FlashAttention-1 forward", comparison.flash_forward),
+                         ("bwd: FlashAttention-1 backward", comparison.flash_backward)])):
+        bottom = 0.0
+        for name, io in bars:
+            gb = io.total / 1e9
+            ax.bar(x, gb, bottom=bottom, color=next(colors), edgecolor="w", lw=0.5, label=f"{name} ({gb:.1f} GB)")
+            bottom += gb
+    for x, gb in ((0, comparison.measured_standard_gb), (1, comparison.measured_flash_gb)):
+        ax.plot([x - 0.42, x + 0.42], [gb, gb], "k--", lw=1.5)
+        ax.text(x + 0.44, gb, f"measured\n{gb} GB", fontsize=8, va="center")
+    ax.text(1, comparison.flash / 1e9 + 1, f"model {comparison.flash / 1e9:.1f} GB", ha="center", fontsize=8)
+    ax.set_xticks([0, 1], ["standard attention\n(separate kernels)", "FlashAttention-1\n(forward + backward)"])
+    ax.set_xlim(-0.6, 2.0)
+    _style(ax, "implementation", "HBM reads + writes (GB)",
+           f"GPT-2 medium attention, forward + backward: model {comparison.ratio:.1f}×, "
+           f"measured {comparison.measured_ratio:.1f}×")
+    ax.grid(False, axis="x")
+    ax.legend(fontsize=7, loc="upper right", ncol=1, title="model, pass by pass", title_fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+# ----------------------------------------------------------------------------------------------------
+# Chapter 04: the GPU under the kernel
+# ----------------------------------------------------------------------------------------------------
+
+
+def plot_gpu_budget(shapes: Sequence[tuple], gpu=None):
+    """Shared memory of forward-kernel configurations against one program's limit and half an SM.
+
+    ``shapes`` are (d, bytes per element, B_r, B_c, num_warps, num_stages); each bar stacks Q_i and the
+    ``num_stages`` buffers of K_j and V_j (``iomodel.forward_shared_bytes``) and names the float32
+    registers a thread needs at least for O_i and S_ij (``iomodel.tile_registers``).
+    """
+    from . import iomodel
+
+    gpu = gpu or iomodel.H100_SXM
+    KB = 1024
+    fig, ax = plt.subplots(figsize=(10, 0.42 * len(shapes) + 2.2))
+    for y, (d, e, B_r, B_c, warps, stages) in enumerate(shapes):
+        parts = [("Q_i", e * B_r * d, "tab:blue"), (f"{stages} × K_j", e * stages * B_c * d, "tab:orange"),
+                 (f"{stages} × V_j", e * stages * B_c * d, "tab:green")]
+        left = 0
+        for name, size, color in parts:
+            ax.barh(y, size / KB, left=left / KB, color=color, edgecolor="w", label=name.split(" × ")[-1] if y == 0 else None)
+            left += size
+        regs = iomodel.tile_registers(B_r, B_c, d, warps)
+        fits = left <= gpu.shared_per_program
+        ax.text(left / KB + 3, y, f"{left / KB:.0f} KB, ≥ {regs} registers/thread" + ("" if fits else "  ✗ does not fit"),
+                va="center", fontsize=8, color="k" if fits and regs <= gpu.max_registers_per_thread else "tab:red")
+    ax.axvline(gpu.shared_per_program / KB, color="tab:red", ls="--", label=f"one program's limit ({gpu.shared_per_program // KB} KB)")
+    ax.axvline(gpu.shared_per_sm / 2 / KB, color="gray", ls=":", label=f"two programs per SM ({gpu.shared_per_sm // 2 // KB} KB each)")
+    ax.set_yticks(range(len(shapes)), [f"d={d} {'fp16' if e == 2 else 'fp32'}: {B_r}×{B_c}, {w} warps, {s} stages"
+                                       for d, e, B_r, B_c, w, s in shapes], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlim(0, max(gpu.shared_per_program, max(e * d * (bm + 2 * s * bn) for d, e, bm, bn, _, s in shapes)) / KB * 1.75)
+    _style(ax, "shared memory of one program (KB)", "forward configuration",
+           f"{gpu.name}: Q_i + num_stages · (K_j + V_j) must fit in {gpu.shared_per_program // KB} KB")
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=5)
+    fig.tight_layout()
+    return fig
+
+
+def _ping_pong(tasks: Dict[str, List[tuple]], start: float = 0.0) -> List[tuple]:
+    """Greedy schedule of per-lane task lists [(label, duration, unit)] from time ``start``: each lane runs
+    its tasks in order, each unit (the tensor cores, the exp units) one task at a time.
+    -> [(lane, start, duration, label)]."""
+    ready = {lane: start for lane in tasks}
+    free: Dict[str, float] = {}
+    nxt = {lane: 0 for lane in tasks}
+    out = []
+    while any(nxt[lane] < len(tasks[lane]) for lane in tasks):
+        # the task that can start first; on a tie, the lane that is further behind (they take turns)
+        start, _, lane = min((max(ready[lane], free.get(tasks[lane][nxt[lane]][2], 0.0)), nxt[lane], lane)
+                             for lane in tasks if nxt[lane] < len(tasks[lane]))
+        label, duration, unit = tasks[lane][nxt[lane]]
+        out.append((lane, start, duration, label))
+        ready[lane] = free[unit] = start + duration
+        nxt[lane] += 1
+    return out
+
+
+def plot_pipeline(d: int = 128, tiles: int = 4, load: float = 1.3, gpu=None):
+    """Schematic timelines of one SM working through ``tiles`` key blocks: (a) one stage — each load
+    waits for the math; (b) several stages — loads run ahead; (c) FlashAttention-3's two warpgroups
+    in ping-pong — one's exponentials run under the other's matmuls (its loads hidden as in (b)).
+    A matmul (QKᵀ or PV) takes 1 unit;
+    the exponentials take 2 × ``iomodel.exp_to_matmul_time(d)`` units (the GPU's peak rates); a load ``load``.
+    """
+    from matplotlib.patches import Patch
+
+    from . import iomodel
+
+    gpu = gpu or iomodel.H100_SXM
+    x = 2 * iomodel.exp_to_matmul_time(d, gpu)
+    colors = {"load": "0.75", "QKᵀ": "tab:blue", "exp": "tab:red", "PV": "tab:cyan"}
+    rows = []  # (row label, start, duration, kind)
+    t = 0.0
+    for j in range(tiles):  # (a) load, then compute, one after the other
+        for kind, duration in (("load", load), ("QKᵀ", 1.0), ("exp", x), ("PV", 1.0)):
+            rows.append(("(a) 1 stage", t, duration, kind))
+            t += duration
+    load_end, compute_end = 0.0, 0.0
+    for j in range(tiles):  # (b) the copy engine loads block j+1 while the SM computes block j
+        rows.append(("(b) 3 stages: loads", load_end, load, "load"))
+        load_end += load
+        t = max(compute_end, load_end)
+        for kind, duration in (("QKᵀ", 1.0), ("exp", x), ("PV", 1.0)):
+            rows.append(("(b) 3 stages: math", t, duration, kind))
+            t += duration
+        compute_end = t
+    lanes = {f"(c) FA3 warpgroup {w}": [(kind, duration, "tensor cores" if kind != "exp" else "exp units")
+                                        for _ in range(tiles // 2) for kind, duration in (("QKᵀ", 1.0), ("exp", x), ("PV", 1.0))]
+             for w in (0, 1)}
+    # the first key block must arrive before any math; later loads run ahead as in (b)
+    rows += [("(c) FA3 warpgroup 0", 0.0, load, "load")] + _ping_pong(lanes, start=load)
+
+    labels = list(dict.fromkeys(r[0] for r in rows))
+    fig, ax = plt.subplots(figsize=(12, 3.6))
+    for label, start, duration, kind in rows:
+        y = labels.index(label)
+        ax.barh(y, duration, left=start, color=colors[kind], edgecolor="k", lw=0.5)
+    for label in labels:
+        if not label.endswith("loads") and not label.endswith("0"):
+            end = max(s + w for r, s, w, _ in rows if r == label)
+            ax.text(end + 0.2, labels.index(label), f"done at {end:.1f}", va="center", fontsize=8)
+    ax.set_yticks(range(len(labels)), labels, fontsize=8)
+    ax.invert_yaxis()
+    _style(ax, "time (units: one B_r × B_c × d matmul at the tensor cores' peak)", "",
+           f"{tiles} key blocks on one SM, d = {d} ({gpu.name}: the exponentials of a tile take "
+           f"{x:.2f} matmul units)")
+    ax.set_ylabel("what runs")
+    ax.legend(handles=[Patch(color=c, label=k if k != "exp" else "exp (softmax)") for k, c in colors.items()],
+              fontsize=8, loc="lower right", ncol=4)
     fig.tight_layout()
     return fig
 

@@ -1,5 +1,7 @@
 """The notebooks' helpers: memory measurements, the tile schedule, the online-softmax trace, figures and widgets."""
 
+import itertools
+
 import matplotlib
 
 matplotlib.use("Agg")
@@ -9,7 +11,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import flashcourse as fc  # noqa: E402
-from flashcourse import viz  # noqa: E402
+from flashcourse import iomodel, viz  # noqa: E402
 from flashcourse._checks import causal_mask  # noqa: E402
 
 
@@ -102,7 +104,13 @@ def test_figures_have_labelled_axes():
         viz.plot_online_step(s, v, block=8, step=2),
         viz.plot_tiles(40, 56, 16, 16, causal=True, step=3),
         viz.plot_tiles(64, 64, 16, 16, causal=True, window=20),
-        viz.plot_io([256, 512, 1024], d=64, M=25600, blocks=[16, 32, 64], N_fixed=1024),
+        viz.plot_io([256, 512, 1024], d=64, M=25600, N_fixed=1024),
+        viz.plot_paper_comparison(iomodel.fa1_paper_comparison()),
+        viz.plot_by_hand(torch.randn(4, 2), torch.randn(4, 2), torch.randn(4, 2), block_n=2),
+        viz.plot_loop_orders(),
+        viz.plot_gpu_budget([(64, 2, 128, 64, 4, 3), (128, 4, 128, 64, 8, 3)]),
+        viz.plot_pipeline(d=64),
+        viz.plot_merge_trees(torch.randn(40, dtype=torch.float64), torch.randn(40, 3, dtype=torch.float64), [5, 20, 30]),
         viz.plot_matrices({"S": torch.randn(5, 7), "P": torch.softmax(torch.randn(5, 7), -1)}),
         viz.plot_memory_scaling([128, 256, 512], {"naive": [1e5, 4e5, 1.6e6]}, limits={"GPU": 1e9}, extrapolate_to=2**16),
         viz.plot_roofline(989.0, 3.35, {"softmax": (1.25, None), "measured": (512.0, 400.0)}),
@@ -110,14 +118,32 @@ def test_figures_have_labelled_axes():
     assert all(_labelled(f) for f in figs)
 
 
-def test_widgets_build_without_a_browser():
+def test_widgets_build_without_a_browser(monkeypatch):
+    monkeypatch.setattr(viz, "widgets_live", lambda: True)  # as inside a Jupyter kernel
     s, v = torch.randn(20, dtype=torch.float64), torch.randn(20, 3, dtype=torch.float64)
     box = viz.online_softmax_stepper(s, v, block=8)
-    slider = box.children[0]
+    slider, image = box.children
     assert (slider.min, slider.max, slider.value) == (0, 3, 3)
-    slider.value = 1  # redraws without error
+    before = image.value
+    slider.value = 1  # redraws the picture
+    assert bytes(image.value).startswith(b"\x89PNG") and bytes(image.value) != bytes(before)
     walker = viz.tile_walker(32, 32, 16, 16, causal=True)
     assert walker.children[0].max == 2  # three tiles computed, one skipped
+    assert not plt.get_fignums(), "the widgets' figures are closed once rendered"
+
+
+def test_widgets_show_their_static_figure_without_a_front_end(monkeypatch):
+    import matplotlib.figure
+
+    assert not viz.widgets_live(), "outside a Jupyter kernel there is nothing to drive a slider"
+    monkeypatch.setattr("IPython.get_ipython", lambda: type("Shell", (), {"kernel": object()})())
+    assert viz.widgets_live()
+    monkeypatch.setenv("FLASHCOURSE_STATIC_WIDGETS", "1")  # what the notebook tests set
+    assert not viz.widgets_live()
+    shown = []
+    monkeypatch.setattr("IPython.display.display", shown.append)
+    assert viz.tile_walker(32, 32, 16, 16, causal=True) is None
+    assert len(shown) == 1 and isinstance(shown[0], matplotlib.figure.Figure)
 
 
 def test_show_error_marks_wrong_and_nan(capsys):
@@ -135,3 +161,16 @@ def test_show_source_prints_a_marked_range_or_everything(capsys):
     assert part.lstrip().startswith("got, want =") and "print(" not in part
     viz.show_source(viz.show_error, start="no such marker", stop="print(")
     assert capsys.readouterr().out.startswith("def show_error")
+
+
+def test_ping_pong_schedule_shares_each_unit_and_keeps_each_lane_in_order():
+    # chapter 04's FlashAttention-3 timeline: two warpgroups, one tensor-core unit, one exp unit
+    work = [("QKᵀ", 1.0, "tensor cores"), ("exp", 1.0, "exp units"), ("PV", 1.0, "tensor cores")] * 2
+    schedule = viz._ping_pong({"wg0": work, "wg1": work}, start=0.5)
+    unit = {"QKᵀ": "tensor cores", "PV": "tensor cores", "exp": "exp units"}
+    for a, b in itertools.combinations(schedule, 2):
+        if a[0] == b[0] or unit[a[3]] == unit[b[3]]:  # same lane or same unit: never at the same time
+            assert a[1] + a[2] <= b[1] or b[1] + b[2] <= a[1], (a, b)
+    assert min(s for _, s, _, _ in schedule) == 0.5
+    # overlap pays: 12 units of work, done in 9 (the tensor cores alone need 8)
+    assert max(s + w for _, s, w, _ in schedule) < 0.5 + 9
