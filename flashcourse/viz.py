@@ -96,30 +96,44 @@ def plot_matrices(mats: Dict[str, torch.Tensor], *, xlabel="key index j", ylabel
     return fig
 
 
+def _memory_fit(N: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Non-negative (a, b, c) of y ≈ a + b·N + c·N²: fixed buffers, bytes per token, bytes per token pair."""
+    X = torch.stack([torch.ones_like(N), N, N * N], 1)
+    keep = [0, 1, 2]
+    while True:  # drop a negative term and fit again (memory is never negative)
+        coef = torch.zeros(3, dtype=torch.float64)
+        coef[keep] = torch.linalg.lstsq(X[:, keep] / X[:, keep].amax(0), y[:, None]).solution[:, 0] / X[:, keep].amax(0)
+        if (coef >= 0).all():
+            return coef
+        keep.remove(int(coef.argmin()))
+
+
 def plot_memory_scaling(Ns: Sequence[int], measured: Dict[str, Sequence[float]], *, scale: float = 1.0,
                         scale_label: str = "", limits: Optional[Dict[str, float]] = None, extrapolate_to: int = 0):
-    """Peak memory (GiB) against N on log-log axes, each curve fitted as c·N^p and extrapolated.
+    """Peak memory (GiB) against N on log-log axes, each curve fitted as a + b·N + c·N² and extrapolated.
 
     ``measured`` maps a label to bytes for one (batch, head), one per N of ``Ns`` (None where not
     measured); ``scale`` multiplies them (e.g. B·H of a real model, named by ``scale_label``);
-    ``limits`` maps a GPU name to its memory in bytes and draws where each curve crosses it.
+    ``limits`` maps a GPU name to its memory in bytes and draws where each curve crosses it. The legend
+    names the term that dominates at the largest N: N² (scores stored) or N (a fixed part plus bytes
+    per token, which a power law through small N would bend below 1).
     """
     fig, ax = plt.subplots(figsize=(7, 4.5))
     N_max = max(extrapolate_to, max(Ns))
-    grid = torch.logspace(math.log10(min(Ns)), math.log10(N_max), 100, dtype=torch.float64)
+    grid = torch.logspace(math.log10(min(Ns)), math.log10(N_max), 200, dtype=torch.float64)
     for label, ys in measured.items():
-        Nm = [N for N, b in zip(Ns, ys) if b is not None]
+        Nm = torch.tensor([N for N, b in zip(Ns, ys) if b is not None], dtype=torch.float64)
         y = torch.tensor([b for b in ys if b is not None], dtype=torch.float64) * scale
-        logN = torch.tensor(Nm, dtype=torch.float64).log()
-        # fit log y = p log N + log c on the largest three sizes (small N is dominated by fixed costs)
-        p, logc = torch.linalg.lstsq(torch.stack([logN[-3:], torch.ones(3, dtype=torch.float64)], 1),
-                                     y[-3:].log()[:, None]).solution[:, 0]
-        fit = (logc + p * grid.log()).exp()
-        line = ax.plot(Nm, (y / GiB).tolist(), "o", label=f"{label}: measured")[0]
-        ax.plot(grid.tolist(), (fit / GiB).tolist(), "--", color=line.get_color(), label=f"{label}: fit ∝ N^{p:.2f}")
+        a, b, c = _memory_fit(Nm, y)
+        # memory(N) = a + b·N + c·N²
+        fit = a + b * grid + c * grid**2
+        grows = "N²" if c * N_max > b else f"N ({b / scale:,.0f} B per token + {a / scale / 1024:,.0f} KiB fixed)"
+        line = ax.plot(Nm.tolist(), (y / GiB).tolist(), "o", label=f"{label}: measured")[0]
+        ax.plot(grid.tolist(), (fit / GiB).tolist(), "--", color=line.get_color(), label=f"{label}: fit, grows as {grows}")
         for name, cap in (limits or {}).items():
-            N_out = float(((math.log(cap) - logc) / p).exp())
-            if N_out <= N_max:
+            over = (fit >= cap).nonzero()
+            if len(over):
+                N_out = grid[over[0, 0]].item()
                 ax.plot([N_out], [cap / GiB], "x", color=line.get_color(), markersize=10, mew=2)
                 ax.annotate(f"N ≈ {N_out:,.0f}", (N_out, cap / GiB), textcoords="offset points", xytext=(5, -14),
                             color=line.get_color(), fontsize=8)

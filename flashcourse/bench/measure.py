@@ -90,10 +90,12 @@ class _PeakTracker(TorchDispatchMode):
             if ref.expired():
                 del self.live[key]
                 self.current -= nbytes
+        # an output that shares a storage with an argument (a view, a slice, an in-place result) is no new memory
+        given = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
         for t in tree_leaves(out):
             if isinstance(t, torch.Tensor):
                 s = t.untyped_storage()
-                if s.data_ptr() not in self.live and s.nbytes() > 0:
+                if s.data_ptr() not in self.live and s.data_ptr() not in given and s.nbytes() > 0:
                     self.live[s.data_ptr()] = (StorageWeakRef(s), s.nbytes())
                     self.current += s.nbytes()
         self.peak = max(self.peak, self.current)
