@@ -7,15 +7,22 @@ worker, every process below it, every orphan re-parented to the grader since the
 every process that carries the worker's token in its environment, until a scan of /proc finds none
 alive; then it reaps them. Elsewhere (macOS) the worker leads its own session and the grader kills
 that process group: a descendant that calls ``os.setsid`` there escapes (see exercises/README.md).
+
+Starting Python and importing torch costs seconds, so on a machine without a GPU the workers are
+forked from a ``Zygote``: a process that has imported torch, Triton and the grader but never runs
+learner code, and that forks a fresh worker on request (setting its session, user and environment).
+With a GPU each worker is a new Python process (CUDA does not survive a fork).
 """
 
 import ctypes
 import ctypes.util
 import os
+import json
 import queue
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -132,6 +139,146 @@ class WorkerTimeout(Exception):
     """No reply within the time limit."""
 
 
+def _boot(repo_root: Path, main: str) -> list:
+    """The command line of a Python process that runs ``main`` of the grader at ``repo_root``."""
+    return [sys.executable, "-c", f"import sys; sys.path.insert(0, {str(repo_root)!r}); "
+                                  f"from flashcourse.grading.{main} import main; main()"]
+
+
+class Zygote:
+    """A process that has imported torch and the grader, and forks workers (Linux and macOS, no GPU).
+
+    Commands travel on a Unix socket as JSON lines; a fork request carries the worker's two pipe
+    ends (SCM_RIGHTS). The zygote never runs learner code: its children do, after ``_child`` has
+    given them their own session, folder, environment and user.
+    """
+
+    def __init__(self, repo_root: Path):
+        ours, theirs = socket.socketpair()
+        self.socket = ours
+        self.process = subprocess.Popen(_boot(repo_root, "procs") + [str(theirs.fileno())], pass_fds=[theirs.fileno()],
+                                        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                        start_new_session=True)
+        theirs.close()
+        self.lines = self.socket.makefile("r")
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def _ask(self, message: dict, fds=()) -> dict:
+        socket.send_fds(self.socket, [json.dumps(message).encode() + b"\n"], list(fds))
+        line = self.lines.readline()
+        if not line:
+            raise OSError("the zygote is gone")
+        return json.loads(line)
+
+    def fork(self, fds, **options) -> int:
+        return int(self._ask({"op": "fork", **options}, fds)["pid"])
+
+    def wait(self, pid: int, timeout: float = 5.0) -> Optional[int]:
+        """The exit status of a worker (negative: the signal that killed it), reaped by the zygote."""
+        try:
+            return self._ask({"op": "wait", "pid": pid, "timeout": timeout}).get("status")
+        except OSError:
+            return None
+
+    def stop(self) -> None:
+        self.process.kill()
+        self.process.wait()
+        self.socket.close()
+
+
+def _status(raw: int) -> int:
+    return -os.WTERMSIG(raw) if os.WIFSIGNALED(raw) else os.WEXITSTATUS(raw)
+
+
+def _child(options: dict, request_fd: int, reply_fd: int, control: socket.socket) -> None:
+    """In a freshly forked worker: its own session, folder, environment and user; then serve."""
+    try:
+        control.close()
+        os.setsid()
+        os.dup2(request_fd, 0)
+        os.dup2(reply_fd, 1)
+        os.closerange(3, 1 << 16)
+        os.chdir(options["scratch"])
+        os.environ.update(options["env"])
+        if options.get("user"):
+            uid, gid = options["user"]
+            os.setgroups([])
+            os.setgid(gid)
+            os.setuid(uid)
+    except BaseException:  # noqa: BLE001  (the grader sees the worker end with status 70)
+        os._exit(70)
+    try:
+        from .worker import main as serve
+
+        serve()
+    finally:
+        os._exit(0)
+
+
+def main() -> None:
+    """The zygote (``python -c ... procs main FD``): import everything a worker needs, then fork on request."""
+    control = socket.socket(fileno=int(sys.argv[1]))
+    from . import worker  # noqa: F401  (torch, Triton's interpreter, flashcourse and the checks, once)
+    from .checks import all_chapters
+
+    all_chapters()
+    statuses, buffer = {}, b""
+    while True:
+        data, fds, _, _ = socket.recv_fds(control, 1 << 16, 8)
+        if not data:
+            return
+        buffer += data
+        while b"\n" in buffer:
+            line, buffer = buffer.split(b"\n", 1)
+            message = json.loads(line)
+            while True:  # reap every finished child, keeping its status
+                try:
+                    pid, raw = os.waitpid(-1, os.WNOHANG)
+                except ChildProcessError:
+                    break
+                if not pid:
+                    break
+                statuses[pid] = _status(raw)
+            if message["op"] == "fork":
+                pid = os.fork()
+                if pid == 0:
+                    _child(message, fds[0], fds[1], control)
+                for fd in fds:
+                    os.close(fd)
+                fds = []
+                reply = {"pid": pid}
+            else:
+                pid, deadline = message["pid"], time.monotonic() + message["timeout"]
+                while pid not in statuses and time.monotonic() < deadline:
+                    try:
+                        done, raw = os.waitpid(pid, os.WNOHANG)
+                    except ChildProcessError:
+                        break
+                    if done:
+                        statuses[pid] = _status(raw)
+                    else:
+                        time.sleep(0.005)
+                reply = {"status": statuses.pop(pid, None)}
+            control.sendall(json.dumps(reply).encode() + b"\n")
+
+
+_zygote = None
+
+
+def zygote(repo_root: Path) -> Optional[Zygote]:
+    """The zygote of this grading process (started on first use), or None where workers are spawned."""
+    global _zygote
+    from .._env import HAS_CUDA
+
+    if HAS_CUDA or not hasattr(socket, "send_fds") or not hasattr(os, "fork"):
+        return None
+    if _zygote is None or not _zygote.alive():
+        _zygote = Zygote(repo_root)
+    return _zygote
+
+
 class WorkerProcess:
     """A Python process running ``flashcourse.grading.worker``; requests and replies are ``wire`` frames.
 
@@ -140,6 +287,7 @@ class WorkerProcess:
     """
 
     def __init__(self, repo_root: Path, *, user: Optional[str] = None, spared: frozenset = frozenset()):
+        self.pid = None
         self.token = secrets.token_hex(8)
         self.scratch = Path(tempfile.mkdtemp(prefix="flashcourse-worker-"))
         env = {**os.environ, TOKEN_VARIABLE: self.token, "PYTHONDONTWRITEBYTECODE": "1",
@@ -153,14 +301,27 @@ class WorkerProcess:
             os.chown(self.scratch, record.pw_uid, record.pw_gid)
             env.update(HOME=str(self.scratch), USER=user, LOGNAME=user, TRITON_CACHE_DIR=str(self.scratch / "triton"))
             kwargs = {"user": record.pw_uid, "group": record.pw_gid, "extra_groups": []}
-        boot = (f"import sys; sys.path.insert(0, {str(repo_root)!r}); "
-                "from flashcourse.grading.worker import main; main()")
+        self.zygote = zygote(repo_root)
         self.spared = set(spared) | _children(os.getpid())
-        self.process = subprocess.Popen([sys.executable, "-c", boot], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                        stderr=subprocess.DEVNULL, cwd=self.scratch, env=env, start_new_session=True,
-                                        **kwargs)
+        if self.zygote is not None:
+            request_r, request_w = os.pipe()
+            reply_r, reply_w = os.pipe()
+            user_ids = [kwargs["user"], kwargs["group"]] if kwargs else None
+            try:
+                self.pid = self.zygote.fork([request_r, reply_w], scratch=str(self.scratch), user=user_ids,
+                                            env={k: env[k] for k in env if os.environ.get(k) != env[k]})
+            finally:
+                os.close(request_r)
+                os.close(reply_w)
+            self.process, self.requests, replies = None, os.fdopen(request_w, "wb"), os.fdopen(reply_r, "rb")
+        else:
+            self.process = subprocess.Popen(_boot(repo_root, "worker"), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                            stderr=subprocess.DEVNULL, cwd=self.scratch, env=env,
+                                            start_new_session=True, **kwargs)
+            self.pid, self.requests, replies = self.process.pid, self.process.stdin, self.process.stdout
+        self.streams = (self.requests, replies)
         self.replies = queue.Queue()
-        threading.Thread(target=self._read, args=(self.process.stdout, self.replies), daemon=True).start()
+        threading.Thread(target=self._read, args=(replies, self.replies), daemon=True).start()
 
     @staticmethod
     def _read(stream, replies) -> None:
@@ -174,7 +335,7 @@ class WorkerProcess:
 
     def send(self, message) -> None:
         try:
-            wire.write_message(self.process.stdin, message, layout=True)
+            wire.write_message(self.requests, message, layout=True)
         except (OSError, ValueError):  # the pipe broke: the worker is gone
             pass
 
@@ -187,34 +348,37 @@ class WorkerProcess:
         if isinstance(frame, wire.ProtocolError):
             raise frame
         if frame is None:
-            try:
-                status = self.process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                status = None
-            raise WorkerDied(status)
+            raise WorkerDied(self._exit_status())
         return frame
 
-    @property
-    def pid(self) -> int:
-        return self.process.pid
+    def _exit_status(self):
+        if self.zygote is not None:
+            return self.zygote.wait(self.pid)
+        try:
+            return self.process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            return None
 
     def stop(self) -> None:
         """Kill the worker and everything it started, and wait until they are gone."""
-        if self.process is None:
+        if self.pid is None:
             return
         if LINUX:
-            kill_tree(self.process.pid, self.token, self.spared)
+            kill_tree(self.pid, self.token, self.spared | {self.zygote.process.pid} if self.zygote else self.spared)
         else:
             try:
-                os.killpg(self.process.pid, signal.SIGKILL)
+                os.killpg(self.pid, signal.SIGKILL)
             except OSError:
                 pass
-        self.process.kill()
-        self.process.wait()
-        for stream in (self.process.stdin, self.process.stdout):
+        if self.zygote is not None:
+            self.zygote.wait(self.pid, timeout=1.0)
+        else:
+            self.process.kill()
+            self.process.wait()
+        for stream in self.streams:
             try:
                 stream.close()
             except OSError:
                 pass
-        self.process = None
+        self.pid = None
         shutil.rmtree(self.scratch, ignore_errors=True)

@@ -105,7 +105,10 @@ class Session:
         self.disqualified = {}  # exercise (or None: the whole file) -> CheckFailed to repeat
 
     def _start(self) -> None:
-        self.process = WorkerProcess(REPO_ROOT, user=self.user)
+        try:
+            self.process = WorkerProcess(REPO_ROOT, user=self.user)
+        except OSError as e:
+            raise TargetError(f"the grading worker process did not start ({e}): run `flashcourse doctor`") from None
         self.process.send({"target": str(self.target), "chapter": self.chapter})
         try:
             header, blobs = self.process.receive(START_TIMEOUT)

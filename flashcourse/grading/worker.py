@@ -260,8 +260,9 @@ class Worker:
         return None
 
     def _judge(self, exercise, stats, defines) -> dict:
-        """The rule that the traced call broke, or None."""
-        ran, resolved = set(), {}
+        """The rule that the traced call broke, or None. Of the forbidden flashcourse functions it ran,
+        the one named is one that no flashcourse code called (the one the learner's code called)."""
+        ran, resolved, forbidden, inner = set(), {}, [], set()
         for entry in stats:
             code = entry.code
             if isinstance(code, str):
@@ -276,11 +277,15 @@ class Worker:
                 continue
             qualified = package_name(filename, getattr(code, "co_qualname", code.co_name))
             if qualified is not None:
+                inner |= {c.code for c in entry.calls or ()}
                 if code.co_name != "<module>" and not self._allowed(qualified, exercise):
-                    return {"kind": "forbidden", "file": self.path.name, "name": exercise.name, "calls": qualified}
+                    forbidden.append((code, qualified))
             elif not str(resolved[filename]).startswith(self.roots):
                 return {"kind": "foreign", "file": self.path.name, "name": exercise.name, "source": filename,
                         "function": code.co_name}
+        if forbidden:
+            outer = [q for c, q in forbidden if c not in inner] or [forbidden[0][1]]
+            return {"kind": "forbidden", "file": self.path.name, "name": exercise.name, "calls": outer[0]}
         for dotted, code in defines:
             if (code.co_filename, code.co_name) not in ran:
                 return {"kind": "unused", "file": self.path.name, "name": dotted}
