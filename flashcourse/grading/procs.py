@@ -319,12 +319,13 @@ class WorkerProcess:
                                             stderr=subprocess.DEVNULL, cwd=self.scratch, env=env,
                                             start_new_session=True, **kwargs)
             self.pid, self.requests, replies = self.process.pid, self.process.stdin, self.process.stdout
-        self.streams = (self.requests, replies)
         self.replies = queue.Queue()
         threading.Thread(target=self._read, args=(replies, self.replies), daemon=True).start()
 
     @staticmethod
     def _read(stream, replies) -> None:
+        """The reader thread: frames into ``replies`` until EOF; it alone closes the reply pipe (closing
+        it from another thread would wait for this read, i.e. for whatever still holds the pipe)."""
         try:
             while True:
                 replies.put(wire.read_frame(stream))
@@ -332,6 +333,8 @@ class WorkerProcess:
             replies.put(None)
         except wire.ProtocolError as e:
             replies.put(e)
+        finally:
+            stream.close()
 
     def send(self, message) -> None:
         try:
@@ -375,10 +378,9 @@ class WorkerProcess:
         else:
             self.process.kill()
             self.process.wait()
-        for stream in self.streams:
-            try:
-                stream.close()
-            except OSError:
-                pass
+        try:
+            self.requests.close()
+        except OSError:
+            pass
         self.pid = None
         shutil.rmtree(self.scratch, ignore_errors=True)

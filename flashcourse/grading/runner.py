@@ -80,10 +80,10 @@ def resolve_target(target=None) -> Path:
         path = REPO_ROOT / str(target)
         looked.append(path)
     if not path.is_dir():
-        places = " and ".join(dict.fromkeys(str(p) for p in looked))
+        places = " or ".join(dict.fromkeys(str(p) for p in looked))
         raise TargetError(
-            f"target folder {str(target)!r} not found (looked for {places}); give --target exercises, "
-            f"--target solutions or the path of a folder holding the chapter files (e.g. ch01_naive.py)"
+            f"target folder not found: {places}; give --target exercises, --target solutions or the path "
+            f"of a folder holding the chapter files (e.g. ch01_naive.py)"
         )
     return path.resolve()
 
@@ -289,6 +289,9 @@ def _failure(record: dict, session: Session, check) -> Exception:
     if kind == "missing_file":
         failure = CheckFailed(f"{file} is missing from {record.get('folder')}",
                               f"the grader looks for {file} in the target folder; keep the exercise file names")
+    elif kind == "unreadable":
+        failure = CheckFailed(f"the worker (uid {record.get('uid')}) cannot read {file} in {record.get('folder')}",
+                              "give the worker's user read access to the submission, e.g. chmod -R a+rX FOLDER")
     elif kind == "syntax":
         failure = CheckFailed(f"could not import {file}: SyntaxError: {record.get('message')}{at}",
                               f"fix the syntax error at line {line} of {file} (python -m py_compile {file} shows it)")
@@ -322,7 +325,7 @@ def _failure(record: dict, session: Session, check) -> Exception:
                               "keep the given launcher: it returns the tensors your kernel stores into")
     else:
         return CheckFailed(f"the worker sent an unknown failure {kind!r}")
-    session.disqualified[None if kind in ("missing_file", "syntax", "import") else check.exercise] = failure
+    session.disqualified[None if kind in ("missing_file", "unreadable", "syntax", "import") else check.exercise] = failure
     return failure
 
 

@@ -1,7 +1,7 @@
 """The plain-data protocol between the grader and its worker: JSON with raw tensor bytes, never pickle.
 
-A message is ``MAGIC``, the length of a UTF-8 JSON header, the header, then the raw bytes of each
-tensor it mentions. In the header a tensor is ``{"$tensor": i, "dtype": ..., "shape": [...],
+A message is ``MAGIC``, the length of a UTF-8 JSON header ``{"body": ..., "$blobs": [sizes]}``, the
+header, then the raw bytes of each tensor it mentions. In the body a tensor is ``{"$tensor": i, "dtype": ..., "shape": [...],
 "device": ...}`` (its bytes are blob ``i``; bfloat16 travels as its raw 16-bit patterns), a tuple is
 ``{"$tuple": [...]}``, and any other object the learner returned is ``{"$object": "<type name>"}``.
 
@@ -103,9 +103,8 @@ def encode(obj, *, layout: bool = False) -> tuple:
 
 
 def write_message(stream, obj, *, layout: bool = False) -> None:
-    header, blobs = encode(obj, layout=layout)
-    header["$blobs"] = [len(b) for b in blobs]
-    text = json.dumps(header).encode()
+    body, blobs = encode(obj, layout=layout)
+    text = json.dumps({"body": body, "$blobs": [len(b) for b in blobs]}).encode()
     stream.write(MAGIC + struct.pack("<Q", len(text)) + text)
     for b in blobs:
         stream.write(b)
@@ -140,10 +139,10 @@ def read_frame(stream, *, max_blobs: int = MAX_BLOBS) -> tuple:
         header = json.loads(_read_exactly(stream, size))
     except (UnicodeDecodeError, ValueError):
         raise ProtocolError("a header that is not JSON") from None
-    sizes = header.pop("$blobs", None) if isinstance(header, dict) else None
+    sizes = header.get("$blobs") if isinstance(header, dict) else None
     if not isinstance(sizes, list) or not all(type(s) is int and s >= 0 for s in sizes) or sum(sizes) > max_blobs:
         raise ProtocolError("a message with invalid or too large tensor data")
-    return header, [_read_exactly(stream, s) for s in sizes]
+    return header.get("body"), [_read_exactly(stream, s) for s in sizes]
 
 
 def decode(header, blobs, place=None):

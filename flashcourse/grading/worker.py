@@ -169,8 +169,14 @@ class Worker:
             return self.module
         import importlib.util
 
-        if not self.path.is_file():
-            self.load_failure = {"kind": "missing_file", "file": self.path.name, "folder": str(self.path.parent)}
+        try:
+            found = self.path.is_file() and os.access(self.path, os.R_OK)
+        except OSError:
+            found = False
+        if not found:
+            readable = os.access(self.path.parent, os.X_OK) and not self.path.exists()
+            self.load_failure = {"kind": "missing_file" if readable else "unreadable", "file": self.path.name,
+                                 "folder": str(self.path.parent), "uid": os.getuid()}
             raise Failure(**self.load_failure)
         spec = importlib.util.spec_from_file_location(self.spec.file, self.path)
         module = importlib.util.module_from_spec(spec)

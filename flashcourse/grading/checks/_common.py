@@ -8,8 +8,10 @@ from ..framework import CheckFailed, case_name, expect, expect_close, qkv, randn
 
 # (B, H, Nq, Nk, d): a single query, lengths that are not multiples of any block, Nq != Nk both ways
 SHAPES = [(1, 1, 1, 1, 8), (2, 3, 17, 17, 16), (1, 2, 37, 70, 32), (1, 2, 45, 20, 16)]
-# large logits: q, k ~ N(0, 3²), d = 128, so scale · q·k has a standard deviation of 9 (|S| up to ~40)
-LARGE = {"shape": (1, 1, 1024, 1024, 128), "scale": 3.0}
+# large logits: q, k ~ N(0, 3²), d = 128, so scale · q·k has a standard deviation of 9 (|S| up to ~40),
+# over 1024 keys (rows sums of 1024 terms); the interpreted kernels get one block of 64 queries
+# (KEYS), and dK, dV, which sum over the queries, 1024 queries and one block of 64 keys (QUERIES)
+SQUARE, KEYS, QUERIES = (1, 1, 1024, 1024, 128), (1, 1, 64, 1024, 128), (1, 1, 1024, 64, 128)
 EXPLICIT_SCALE = 0.3
 SCALE_HINT = "use the scale argument when it is given, and only then 1/sqrt(d); apply it once"
 
@@ -45,10 +47,9 @@ def attention_cases(*, causal_options=(False, True), dtypes=(torch.float32,), sh
                 yield name + (f" q,k~N(0,{std:g}²)" if std != 1.0 else ""), q, k, v, causal
 
 
-def large_logit_cases(dtypes=(torch.float16,), on="cpu", causal_options=(False,)):
-    """The large-logit cases: N = 1024, d = 128, |scale · q·k| up to ~40."""
-    return attention_cases(shapes=[LARGE["shape"]], std=LARGE["scale"], dtypes=dtypes, on=on,
-                           causal_options=causal_options, seed=7)
+def large_logit_cases(shape=SQUARE, dtypes=(torch.float16,), on="cpu", causal_options=(False,)):
+    """Large-logit cases: 1024 keys (or queries), d = 128, |scale · q·k| up to ~40."""
+    return attention_cases(shapes=[shape], std=3.0, dtypes=dtypes, on=on, causal_options=causal_options, seed=7)
 
 
 def expect_output(what: str, got, want, dtype, case: str, kernel: bool = False) -> None:

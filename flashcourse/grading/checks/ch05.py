@@ -3,7 +3,7 @@
 import torch
 
 from ..framework import ChapterChecks
-from ._common import EXPLICIT_SCALE, SCALE_HINT, check_forward, device, kernel_dtypes, large_logit_cases
+from ._common import EXPLICIT_SCALE, KEYS, SCALE_HINT, check_forward, device, kernel_dtypes, large_logit_cases
 
 CHECKS = ChapterChecks("ch05", file="ch05_triton_forward", notebook="05_triton_forward")
 # (B, H, Nq, Nk, d): one query, lengths not multiples of the blocks, Nq != Nk both ways; d in 16, 32
@@ -46,7 +46,7 @@ def _(m):
     _check(m, lse=True, blocks={"BLOCK_M": 32, "BLOCK_N": 16}, shapes=[(1, 1, 45, 29, 16)])
 
 
-@CHECKS.add("attention_fwd_kernel", "float16 at large logits (N = 1024, d = 128, 64-row blocks)",
+@CHECKS.add("attention_fwd_kernel", "float16 at large logits (1024 keys, d = 128, 64-row blocks)",
             hint="keep the running max, sum and accumulator in float32, and subtract the running max before exp2")
 def _(m):
-    _check(m, lse=True, blocks={"BLOCK_M": 64, "BLOCK_N": 64}, cases=large_logit_cases(on=device(), causal_options=(True,)))
+    _check(m, lse=True, blocks={"BLOCK_M": 64, "BLOCK_N": 64}, cases=large_logit_cases(KEYS, on=device(), causal_options=(True,)))

@@ -3,7 +3,8 @@
 import torch
 
 from ..framework import ChapterChecks, expect, expect_close, tolerance
-from ._common import EXPLICIT_SCALE, SCALE_HINT, attention_cases, backward_case, device, kernel_dtypes, large_logit_cases
+from ._common import (EXPLICIT_SCALE, KEYS, QUERIES, SCALE_HINT, attention_cases, backward_case, device, kernel_dtypes,
+                      large_logit_cases)
 from .ch05 import SHAPES
 
 CHECKS = ChapterChecks("ch07", file="ch07_triton_backward", notebook="07_triton_backward")
@@ -62,17 +63,17 @@ def _(m):
     _check(m, "dq", scale=EXPLICIT_SCALE, shapes=[(1, 2, 19, 23, 16)])
 
 
-@CHECKS.add("dkdv_kernel", "float16 (bfloat16 on a GPU), other block sizes, large logits",
+@CHECKS.add("dkdv_kernel", "float16 (bfloat16 on a GPU), other block sizes, large logits (1024 queries, d = 128)",
             hint="cast P and dS to the inputs' dtype before tl.dot; use BLOCK_M/BLOCK_N as given")
 def _(m):
     _check(m, "dkdv", dtypes=kernel_dtypes()[1:], shapes=[(1, 2, 33, 40, 16)])
     _check(m, "dkdv", blocks={"BLOCK_M": 32, "BLOCK_N": 16}, shapes=[(1, 1, 45, 29, 16)])
-    _check(m, "dkdv", blocks={"BLOCK_M": 64, "BLOCK_N": 64}, cases=large_logit_cases(on=device()))
+    _check(m, "dkdv", blocks={"BLOCK_M": 64, "BLOCK_N": 64}, cases=large_logit_cases(QUERIES, on=device()))
 
 
-@CHECKS.add("dq_kernel", "float16 (bfloat16 on a GPU), other block sizes, large logits",
+@CHECKS.add("dq_kernel", "float16 (bfloat16 on a GPU), other block sizes, large logits (1024 keys, d = 128)",
             hint="cast dS to k's dtype before tl.dot; use BLOCK_M/BLOCK_N as given")
 def _(m):
     _check(m, "dq", dtypes=kernel_dtypes()[1:], shapes=[(1, 2, 33, 40, 16)])
     _check(m, "dq", blocks={"BLOCK_M": 32, "BLOCK_N": 16}, shapes=[(1, 1, 45, 29, 16)])
-    _check(m, "dq", blocks={"BLOCK_M": 64, "BLOCK_N": 64}, cases=large_logit_cases(on=device()))
+    _check(m, "dq", blocks={"BLOCK_M": 64, "BLOCK_N": 64}, cases=large_logit_cases(KEYS, on=device(), causal_options=(True,)))
