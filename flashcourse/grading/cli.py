@@ -12,6 +12,7 @@ import os
 import sys
 import time
 
+from .procs import make_undumpable
 from .report import progress_line, render_text, write_json
 from .runner import DEFAULT_TIMEOUT, GradingInterrupted, TargetError, grade, resolve_target
 
@@ -65,6 +66,7 @@ def main(argv=None) -> int:
     parser.add_argument("--worker-user", metavar="USER",
                         help="run the learner's code as this user (the grader must run as root, as on Gradescope)")
     args = parser.parse_args(sys.argv[1:] if argv is None else list(argv))
+    make_undumpable()  # the learner's code (same user) can then neither read nor trace the grader's memory
     start = time.perf_counter()
     try:
         target = resolve_target(args.target)

@@ -53,7 +53,7 @@ def _tensor_bytes(t: torch.Tensor) -> bytes:
 
 def plain_tensor(t) -> Optional[str]:
     """Why ``t`` cannot be sent as a plain tensor, or None when it can."""
-    if type(t) not in (torch.Tensor, torch.nn.Parameter):
+    if type(t) is not torch.Tensor:
         return f"a subclass {type(t).__name__} of torch.Tensor"
     if t.layout != torch.strided:
         return f"a {t.layout} tensor"
