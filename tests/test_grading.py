@@ -251,17 +251,10 @@ def test_expect_close_names_what_is_wrong(got, message):
     expect_close("O vs oracle", want.clone(), want, atol=0, dtype=torch.float32)
 
 
-def _frame(obj, layout=False):
-    stream = io.BytesIO()
-    wire.write_message(stream, obj, layout=layout)
-    stream.seek(0)
-    return wire.decode(*wire.read_frame(stream))
-
-
 def test_the_wire_carries_plain_data_only():
     x = torch.randn(3, 5)
     sent = {"t": x.t(), "b": x.bfloat16(), "s": (torch.zeros(0), None, 1.5, "a"), "n": [True, 3]}
-    got = _frame(sent, layout=True)
+    got = wire.through(sent, layout=True)
     assert got["t"].stride() == x.t().stride() and torch.equal(got["t"], x.t())
     assert got["b"].dtype == torch.bfloat16 and torch.equal(got["b"], x.bfloat16())
     assert got["s"][0].shape == (0,) and got["s"][1:] == (None, 1.5, "a") and got["n"] == [True, 3]
@@ -269,7 +262,7 @@ def test_the_wire_carries_plain_data_only():
     class Sneaky(torch.Tensor):
         pass
 
-    odd = _frame([torch.zeros(2).as_subclass(Sneaky), object()])
+    odd = wire.through([torch.zeros(2).as_subclass(Sneaky), object()])
     assert all(isinstance(o, wire.Opaque) for o in odd) and "subclass Sneaky" in odd[0].reason
     import pickle
 

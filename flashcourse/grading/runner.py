@@ -144,7 +144,11 @@ class Session:
             except (WorkerTimeout, wire.ProtocolError):
                 self.stop()
                 raise
-            reply = wire.decode(header, blobs, _expect_device(device))
+            try:
+                reply = wire.decode(header, blobs, _expect_device(device))
+            except wire.ProtocolError:
+                self.stop()
+                raise
             if not isinstance(reply, dict) or reply.get("id") != self.next_id:
                 self.stop()
                 raise wire.ProtocolError("a reply to another request")
@@ -154,24 +158,13 @@ class Session:
             return reply, names
 
     def _local(self, message: dict, device: str) -> tuple:
-        import io
-
         from .worker import Worker
 
         if self.local is None:
             self.local = Worker(self.target, self.chapter, guard_pages=False)
         replies = []
-
-        def send(reply):
-            stream = io.BytesIO()
-            wire.write_message(stream, reply)
-            stream.seek(0)
-            replies.append(wire.decode(*wire.read_frame(stream), _expect_device(device)))
-
-        stream = io.BytesIO()
-        wire.write_message(stream, message, layout=True)
-        stream.seek(0)
-        self.local.handle(wire.decode(*wire.read_frame(stream)), send)
+        send = lambda reply: replies.append(wire.through(reply, place=_expect_device(device)))  # noqa: E731
+        self.local.handle(wire.through(message, layout=True), send)
         names = next((r["inputs"] for r in replies if "inputs" in r), [])
         return replies[-1], names
 

@@ -190,3 +190,13 @@ def _tensor(entry: dict, blobs: list) -> torch.Tensor:
     if order:
         t = t.permute([order.index(i) for i in range(len(shape))])
     return t
+
+
+def through(obj, *, layout: bool = False, place=None):
+    """``obj`` as it arrives after a trip through the protocol (the in-process worker of the tests)."""
+    import io
+
+    stream = io.BytesIO()
+    write_message(stream, obj, layout=layout)
+    stream.seek(0)
+    return decode(*read_frame(stream), place)
