@@ -14,6 +14,7 @@ learner code, and that forks a fresh worker on request (setting its session, use
 With a GPU each worker is a new Python process (CUDA does not survive a fork).
 """
 
+import contextlib
 import ctypes
 import ctypes.util
 import os
@@ -34,7 +35,7 @@ from typing import Optional
 from . import wire
 
 LINUX = sys.platform.startswith("linux")
-PR_SET_DUMPABLE, PR_SET_CHILD_SUBREAPER = 4, 36
+PR_SET_DUMPABLE, PR_SET_CHILD_SUBREAPER, PR_GET_CHILD_SUBREAPER = 4, 36, 37
 TOKEN_VARIABLE = "FLASHCOURSE_GRADING_WORKER"
 
 
@@ -48,9 +49,18 @@ def _prctl(option: int, value: int) -> bool:
         return False
 
 
-def become_subreaper() -> bool:
-    """Make this process the reaper of its orphaned descendants (Linux); True when it is."""
-    return _prctl(PR_SET_CHILD_SUBREAPER, 1)
+@contextlib.contextmanager
+def subreaper():
+    """While grading, this process is the reaper of its orphaned descendants (Linux), as it was before after."""
+    before = ctypes.c_int(0)
+    if LINUX:
+        _prctl(PR_GET_CHILD_SUBREAPER, ctypes.addressof(before))
+    _prctl(PR_SET_CHILD_SUBREAPER, 1)
+    try:
+        yield
+    finally:
+        if not before.value:
+            _prctl(PR_SET_CHILD_SUBREAPER, 0)
 
 
 def make_undumpable() -> bool:

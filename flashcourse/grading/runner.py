@@ -9,6 +9,7 @@ worker for the checks that remain. When a chapter ends, its worker and everythin
 killed and reaped before the next chapter (and before any report is written).
 """
 
+import contextlib
 import os
 import signal
 import time
@@ -21,7 +22,7 @@ import torch
 from . import wire
 from .checks import all_chapters, chapter_ids
 from .framework import STUB_SUFFIX, CheckFailed
-from .procs import WorkerDied, WorkerProcess, WorkerTimeout, become_subreaper
+from .procs import WorkerDied, WorkerProcess, WorkerTimeout, subreaper
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_TIMEOUT = 60.0  # seconds per check (the slowest takes a few on a 2-core CPU)
@@ -378,35 +379,37 @@ def grade(chapters: Optional[Iterable] = None, target=None, *, isolate: bool = T
         raise ValueError(f"the time limit must be a positive number of seconds, got {timeout!r}")
     keep = None if exercises is None else set(exercises)
     plan = all_chapters()  # every check module is imported before any learner code runs
-    if isolate:
-        become_subreaper()
     results = []
     try:
-        for chapter in ids:
-            checks = [c for c in plan[chapter] if keep is None or c.exercise in keep]
-            last = {c.exercise: i for i, c in enumerate(checks)}
-            session = Session(folder, chapter, isolate=isolate, user=worker_user)
-            try:
-                hung = {}  # exercise -> why its other checks are not run
-                done = {}
-                for i, check in enumerate(checks):
-                    if check.exercise in hung:
-                        result = Result(check.chapter, check.exercise, check.name, check.points, 0, "not run",
-                                        hung[check.exercise])
-                    else:
-                        result = run_check(session, check, limit, plan[chapter])
-                        if result.status in ("timed out", "error"):
-                            what = "timed out" if result.status == "timed out" else "crashed the worker"
-                            hung[check.exercise] = f"an earlier check of this exercise {what}"
-                    results.append(result)
-                    done.setdefault(check.exercise, []).append(result)
-                    if progress is not None and last[check.exercise] == i:
-                        progress(done[check.exercise])
-            finally:
-                session.stop()
+        with subreaper() if isolate else contextlib.nullcontext():
+            for chapter in ids:
+                session = Session(folder, chapter, isolate=isolate, user=worker_user)
+                try:
+                    checks = [c for c in plan[chapter] if keep is None or c.exercise in keep]
+                    _grade_chapter(session, checks, plan[chapter], limit, progress, results)
+                finally:
+                    session.stop()  # the worker and everything it started are gone before the next chapter
     except KeyboardInterrupt:
         raise GradingInterrupted(results) from None
     return results
+
+
+def _grade_chapter(session: Session, checks: list, chapter_checks, limit: float, progress, results: list) -> None:
+    """Run ``checks`` (of one chapter) against the session's worker, appending their Results."""
+    last = {c.exercise: i for i, c in enumerate(checks)}
+    hung, done = {}, {}  # exercise -> why its other checks are not run; exercise -> its Results so far
+    for i, check in enumerate(checks):
+        if check.exercise in hung:
+            result = Result(check.chapter, check.exercise, check.name, check.points, 0, "not run", hung[check.exercise])
+        else:
+            result = run_check(session, check, limit, chapter_checks)
+            if result.status in ("timed out", "error"):
+                what = "timed out" if result.status == "timed out" else "crashed the worker"
+                hung[check.exercise] = f"an earlier check of this exercise {what}"
+        results.append(result)
+        done.setdefault(check.exercise, []).append(result)
+        if progress is not None and last[check.exercise] == i:
+            progress(done[check.exercise])
 
 
 def load_module(target: Path, chapter: str):

@@ -48,6 +48,11 @@ def _(m):
     _attention_check(m, causal_options=(True,))
 
 
+@CHECKS.add("naive_attention", "explicit scale", hint=SCALE_HINT)
+def _(m):
+    _attention_check(m, scale=EXPLICIT_SCALE, shapes=[(1, 2, 19, 23, 16)])
+
+
 @CHECKS.add("naive_attention", "float16 and bfloat16 inputs",
             hint="compute in float32 (q.float()) and return O in q's dtype")
 def _(m):
@@ -61,8 +66,3 @@ def _(m):
     for case, q, k, v, causal in large_logit_cases(causal_options=(True,)):
         want, _ = oracle(q, k, v, causal)
         expect_output("O vs flashcourse.naive_attention", m.naive_attention(q, k, v, causal=causal), want, q.dtype, case)
-
-
-@CHECKS.add("naive_attention", "explicit scale", hint=SCALE_HINT)
-def _(m):
-    _attention_check(m, scale=EXPLICIT_SCALE, shapes=[(1, 2, 19, 23, 16)])

@@ -60,6 +60,19 @@ def _(m):
     _grad_check(m, "tiled_backward", True, causal_options=(False,))
 
 
+@CHECKS.add("tiled_backward", "tile by tile: no score tensor beyond one block_m × block_n tile",
+            hint="recompute P_ij, dP_ij and dS_ij inside both loops, for one (block_m, block_n) tile at a time")
+def _(m):
+    T = TILED
+    q, k, v = qkv(T["B"], T["H"], T["Nq"], T["Nk"], T["d"], seed=5)
+    o, lse, do, want = backward_case(q, k, v, False)
+    blocks = {"block_m": T["block_m"], "block_n": T["block_n"]}
+    call = m.tiled_backward.watch("tiles", roles=ROLES, Nq=T["Nq"], Nk=T["Nk"], **blocks)
+    got, seen = call(q, k, v, o, lse, do, causal=False, **blocks)
+    expect_tiles("tiled_backward", seen)
+    expect_grads("tiled_backward(...)", got, want, (q, k, v), "B=1 H=2 Nq=70 Nk=45 d=16 block_m=12 block_n=7")
+
+
 @CHECKS.add("tiled_backward", "causal (Nq == Nk, Nq < Nk, Nq > Nk)", points=2,
             hint="mask S_ij with absolute positions (j0 + c > i0 + r + Nk − Nq); where L_i = −inf subtract 0 instead")
 def _(m):
@@ -79,16 +92,3 @@ def _(m):
     _grad_check(m, "tiled_backward", True, dtypes=(torch.float16, torch.bfloat16), shapes=[(1, 2, 33, 40, 16)])
     _grad_check(m, "tiled_backward", True, blocks={"block_m": 64, "block_n": 64},
                 cases=large_logit_cases(causal_options=(True,)))
-
-
-@CHECKS.add("tiled_backward", "tile by tile: no score tensor beyond one block_m × block_n tile",
-            hint="recompute P_ij, dP_ij and dS_ij inside both loops, for one (block_m, block_n) tile at a time")
-def _(m):
-    T = TILED
-    q, k, v = qkv(T["B"], T["H"], T["Nq"], T["Nk"], T["d"], seed=5)
-    o, lse, do, want = backward_case(q, k, v, False)
-    blocks = {"block_m": T["block_m"], "block_n": T["block_n"]}
-    call = m.tiled_backward.watch("tiles", roles=ROLES, Nq=T["Nq"], Nk=T["Nk"], **blocks)
-    got, seen = call(q, k, v, o, lse, do, causal=False, **blocks)
-    expect_tiles("tiled_backward", seen)
-    expect_grads("tiled_backward(...)", got, want, (q, k, v), "B=1 H=2 Nq=70 Nk=45 d=16 block_m=12 block_n=7")
