@@ -8,6 +8,7 @@ import json
 import os
 import re
 import shutil
+import sys
 
 import pytest
 import torch
@@ -282,3 +283,20 @@ def test_on_a_gpu_solutions_get_full_points_and_stubs_none(stubs):
     assert not failed, "\n".join(failed)
     results = grade(None, stubs)
     assert total(results)[0] == 0 and {r.status for r in results} == {"not implemented"}
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_CHILD_SUBREAPER is Linux's")
+def test_the_grader_reaps_orphans_only_while_it_grades():
+    import ctypes
+
+    from flashcourse.grading import procs
+
+    def reaper() -> int:
+        flag = ctypes.c_int(-1)
+        assert procs._prctl(procs.PR_GET_CHILD_SUBREAPER, ctypes.addressof(flag))
+        return flag.value
+
+    assert reaper() == 0
+    with procs.subreaper():
+        assert reaper() == 1
+    assert reaper() == 0

@@ -44,7 +44,8 @@ def _prctl(option: int, value: int) -> bool:
         return False
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-        return libc.prctl(option, value, 0, 0, 0) == 0
+        zero = ctypes.c_ulong(0)
+        return libc.prctl(ctypes.c_int(option), ctypes.c_ulong(value), zero, zero, zero) == 0
     except (OSError, AttributeError):
         return False
 
