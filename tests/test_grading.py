@@ -300,3 +300,11 @@ def test_the_grader_reaps_orphans_only_while_it_grades():
     with procs.subreaper():
         assert reaper() == 1
     assert reaper() == 0
+
+
+def test_a_file_that_never_finishes_importing_costs_one_time_limit(tmp_path):
+    text = "import time\nwhile True:\n    time.sleep(0.01)\n" + solution("ch01_naive")
+    results = grade(["ch01"], submit(tmp_path, ch01_naive=text), timeout=2)
+    assert results[0].status == "timed out" and "importing ch01_naive.py did not finish" in results[0].message
+    assert all("timed out in an earlier check" in r.message for r in results[1:])
+    assert sum(r.seconds for r in results) < 10

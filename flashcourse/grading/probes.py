@@ -11,7 +11,8 @@ Both take the call's input tensors in order (``inputs``) and refer to them by po
   every reduction stays inside one block of ``block`` columns and each block's max is followed by
   that block's exp before the next block's max (the final normalisation may read x again).
 - ``tiles`` (tiled attention): a score-shaped tensor (rows from queries, columns from keys, or the
-  transpose) must not exceed one B_r × B_c tile: queries along B_r = block_m, keys along B_c = block_n.
+  transpose) must not exceed one B_r × B_c tile: queries along B_r = block_m, keys along B_c = block_n;
+  PyTorch's scaled_dot_product_attention counts as the whole score matrix.
 """
 
 import re
@@ -192,6 +193,9 @@ class Tiles(_Tags):
         if self.violation:
             return
         name = getattr(func, "__name__", "")
+        if "scaled_dot_product" in name:  # whole rows of scores, built where no probe sees them
+            self.violation = {"op": name, "shape": [self.Nq, self.Nk], "whole": True}
+            return
         kinds = self._kinds(func, name, args, kwargs, out) if args else None
         for o in _tensors(out, []):
             if o.dim() < 2:

@@ -102,7 +102,7 @@ class Session:
         self.target, self.chapter, self.isolate, self.user = target, chapter, isolate, user
         self.process = None
         self.local = None
-        self.next_id = 0
+        self.next_id = self.first_id = 0
         self.disqualified = {}  # exercise (or None: the whole file) -> CheckFailed to repeat
 
     def _start(self) -> None:
@@ -133,8 +133,9 @@ class Session:
             return self._local(message, device)
         if self.process is None:
             self._start()
+            self.first_id = self.next_id
         self.process.send(message)
-        names = []
+        names, started = [], False
         while True:
             try:
                 header, blobs = self.process.receive(deadline - time.monotonic())
@@ -142,7 +143,11 @@ class Session:
                 e.inputs = names
                 self.stop()
                 raise
-            except (WorkerTimeout, wire.ProtocolError):
+            except WorkerTimeout as e:
+                e.importing = not started and self.next_id == self.first_id  # the learner's file never loaded
+                self.stop()
+                raise
+            except wire.ProtocolError:
                 self.stop()
                 raise
             try:
@@ -153,8 +158,9 @@ class Session:
             if not isinstance(reply, dict) or reply.get("id") != self.next_id:
                 self.stop()
                 raise wire.ProtocolError("a reply to another request")
-            if "inputs" in reply:
+            if "inputs" in reply:  # the module is loaded, the call begins
                 names = [str(n) for n in reply["inputs"]] if isinstance(reply["inputs"], list) else []
+                started = True
                 continue
             return reply, names
 
@@ -249,10 +255,12 @@ def _ask(session: Session, message: dict, deadline: float, device: str) -> dict:
 
 def _crash_message(session, message, deadline, device, died: WorkerDied) -> str:
     status, names = died.status, getattr(died, "inputs", [])
-    if status is not None and status >= 0:
+    if status is None:
+        return "the worker stopped answering during this check (did your code close its pipes or file descriptors?)"
+    if status >= 0:
         return (f"your code ended the grading process (exit status {status}, e.g. os._exit() or a "
                 f"crashed thread) during this check")
-    signame = signal.Signals(-status).name if status is not None and -status in signal.Signals._value2member_map_ else "a signal"
+    signame = signal.Signals(-status).name if -status in signal.Signals._value2member_map_ else "a signal"
     if device == "cpu" and status in (-signal.SIGSEGV, -signal.SIGBUS) and session.isolate and names:
         for index, name in enumerate(names):
             try:
@@ -350,10 +358,16 @@ def run_check(session: Session, check, timeout: float, chapter_checks) -> Result
     except NotImplementedError:
         result.status, result.hint = "not implemented", ""
         result.message = not_implemented_message(chapter_checks, check.exercise, session.target)
-    except WorkerTimeout:
+    except WorkerTimeout as e:
         result.status = "timed out"
         result.message = (f"no result within the time limit of {timeout:g} s: an endless loop, or a loop "
                           f"whose end is never reached?")
+        if getattr(e, "importing", False):
+            file = f"{chapter_checks.file}.py"
+            result.message = f"importing {file} did not finish within the time limit of {timeout:g} s"
+            result.hint = (f"code at the top level of {file} runs when the file is imported: keep it to "
+                           f"definitions (put experiments under if __name__ == '__main__':)")
+            session.disqualified[None] = CheckFailed(f"importing {file} timed out in an earlier check", result.hint)
     except WorkerCrash as e:
         result.status, result.message = "error", str(e)
     result.seconds = time.monotonic() - start
@@ -405,7 +419,8 @@ def _grade_chapter(session: Session, checks: list, chapter_checks, limit: float,
             result = run_check(session, check, limit, chapter_checks)
             if result.status in ("timed out", "error"):
                 what = "timed out" if result.status == "timed out" else "crashed the worker"
-                hung[check.exercise] = f"an earlier check of this exercise {what}"
+                whole_file = session.disqualified.get(None)
+                hung[check.exercise] = str(whole_file) if whole_file else f"an earlier check of this exercise {what}"
         results.append(result)
         done.setdefault(check.exercise, []).append(result)
         if progress is not None and last[check.exercise] == i:

@@ -20,7 +20,7 @@ import torch
 
 MAGIC = b"FCW1"
 MAX_HEADER = 8 << 20  # bytes of JSON
-MAX_BLOBS = 1 << 30  # bytes of tensor data in one message
+MAX_BLOBS = 1 << 28  # bytes of tensor data in one message (the largest result of a check is ~1 MiB)
 MAX_DEPTH = 16
 
 DTYPES = {str(d).replace("torch.", ""): d for d in (
