@@ -124,6 +124,8 @@ def _trusted_roots() -> tuple:
         module = sys.modules.get(name)
         if module is not None and getattr(module, "__file__", None):
             paths.add(str(Path(module.__file__).resolve().parents[1]))
+    # what Triton compiles for a GPU lives in its cache
+    paths.add(os.environ.get("TRITON_CACHE_DIR") or str(Path.home() / ".triton"))
     return tuple(str(Path(p).resolve()) + os.sep for p in paths if p)
 
 
