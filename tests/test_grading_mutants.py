@@ -128,6 +128,11 @@ MUTANTS = [
     ("ch02_softmax", "online_softmax", "calls flashcourse.online_softmax",
      ("body", "online_softmax", "from flashcourse.softmax import online_softmax as theirs\nreturn theirs(x, block=block)"),
      "calls flashcourse.softmax.online_softmax"),
+    ("ch02_softmax", "online_softmax", "calls flashcourse.online_softmax, but not on the first call",
+     ("    m = torch.full(x.shape[:-1], float(\"-inf\"), dtype=x.dtype)\n    l = torch.zeros",
+      "    if x.shape[-1] > 40:\n        from flashcourse.softmax import online_softmax as theirs\n"
+      "        return theirs(x, block=block)\n    m = torch.full(x.shape[:-1], float(\"-inf\"), dtype=x.dtype)\n    l = torch.zeros"),
+     "calls flashcourse.softmax.online_softmax"),
     ("ch02_softmax", "merge_states", "calls flashcourse.merge_states",
      ("body", "merge_states", "import flashcourse\nreturn flashcourse.merge_states(a, b)"), "calls flashcourse.softmax.merge_states"),
     ("ch03_tiling", "tiled_attention_forward", "calls flashcourse.tiled_attention_forward",

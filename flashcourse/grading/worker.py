@@ -343,18 +343,65 @@ class Worker:
         exercise = self.spec.spec(request["exercise"])
         kernels = self._check_origins(module, exercise)
         device = request.get("device", "cpu")
+        target, leaves, args, kwargs = self._inputs(module, request, device)
+        before = [(t.clone(), t.shape, t.stride()) for _, t in leaves]
+        send({"id": request.get("id"), "inputs": [name for name, _ in leaves]})
+        # every call of a PyTorch exercise is profiled; a kernel's first call (the interpreter is slow to
+        # profile), the later ones are held to launching the kernel and returning what it wrote
+        profiler = cProfile.Profile() if not kernels or exercise.name not in self.traced else None
+        probe = None
+        if request.get("probe"):
+            from .probes import PROBES
+
+            spec = request["probe"]
+            probe = PROBES[spec["name"]]([t for _, t in leaves], **spec.get("params", {}))
+        for kernel in kernels:
+            self._record_launches(kernel)
+        self.launches = set()
+        try:
+            with self._captured(out), (probe or contextlib.nullcontext()):
+                torch.manual_seed(0)
+                if profiler:
+                    profiler.enable()
+                try:
+                    value = target(*args, **kwargs)
+                finally:
+                    if profiler:
+                        profiler.disable()
+            if device != "cpu":
+                torch.cuda.synchronize()
+            launches = self.launches
+        finally:
+            self.launches = None
+        if profiler:
+            self._judge_trace(module, exercise, profiler.getstats())
+            self.traced.add(exercise.name)
+        value = self._results(value, device, kernels, launches, request.get("call", ""))
+        modified = [name for (name, t), (copy, shape, stride) in zip(leaves, before)
+                    if t.shape != shape or t.stride() != stride or not torch.equal(t, copy)]
+        reply = {"value": value, "modified": modified}
+        if probe is not None:
+            reply["observed"] = probe.observed()
+        return reply
+
+    def _inputs(self, module, request: dict, device: str) -> tuple:
+        """(callable, [(name, input tensor)], args, kwargs) of a request, the inputs placed: guarded on the
+        CPU (every input, or those of ``request["guard"]``), followed by NaN on a GPU."""
         if "driver" in request:
             driver = self.spec.drivers[request["driver"]]
-            target, bound = (lambda *a, **k: driver(module, *a, **k)), driver
+            target = lambda *a, **k: driver(module, *a, **k)  # noqa: E731
+            signature = inspect.signature(driver)
+            signature = signature.replace(parameters=list(signature.parameters.values())[1:])
         else:
-            target = bound = self._resolve(module, request["call"])
+            target = self._resolve(module, request["call"])
+            try:
+                signature = inspect.signature(target)
+            except (TypeError, ValueError):
+                signature = None
         args, kwargs = list(request.get("args", [])), dict(request.get("kwargs", {}))
         try:
-            signature = inspect.signature(bound)
-            if "driver" in request:
-                signature = signature.replace(parameters=list(signature.parameters.values())[1:])
             named = signature.bind_partial(*args, **kwargs).arguments
-        except (TypeError, ValueError):
+        except (AttributeError, TypeError):
             named = {**{f"argument {i + 1}": a for i, a in enumerate(args)}, **kwargs}
         leaves = []
         for name, value in named.items():
@@ -368,59 +415,26 @@ class Worker:
                 placed[id(t)] = guarded_like(t)
             else:
                 placed[id(t)] = t
-        args, kwargs = _replace(args, placed), _replace(kwargs, placed)
-        inputs = {name: placed[id(t)] for name, t in leaves}
-        before = {name: (t.clone(), t.shape, t.stride()) for name, t in inputs.items()}
-        send({"id": request.get("id"), "inputs": [name for name, _ in leaves]})
+        leaves = [(name, placed[id(t)]) for name, t in leaves]
+        return target, leaves, _replace(args, placed), _replace(kwargs, placed)
 
-        for kernel in kernels:
-            self._record_launches(kernel)
-        trace = exercise.name not in self.traced
-        self.traced.add(exercise.name)
-        probe = None
-        if request.get("probe"):
-            from .probes import PROBES
+    def _judge_trace(self, module, exercise, stats) -> None:
+        defines = [(d, _code_of(self._resolve(module, d))) for d in exercise.defines]
+        broken = self._judge(exercise, stats, [(d, code) for d, (code, _, kernel) in defines if not kernel])
+        if broken:
+            raise Failure(**broken)
 
-            spec = request["probe"]
-            probe = PROBES[spec["name"]]([placed[id(t)] for _, t in leaves], **spec.get("params", {}))
-        self.launches = set() if kernels else None
-        profiler = cProfile.Profile() if trace else None
-        try:
-            with self._captured(out), (probe or contextlib.nullcontext()):
-                torch.manual_seed(0)
-                if profiler:
-                    profiler.enable()
-                try:
-                    value = target(*args, **kwargs)
-                finally:
-                    if profiler:
-                        profiler.disable()
-            if device != "cpu":
-                torch.cuda.synchronize()
-            launches, self.launches = self.launches, None
-        finally:
-            self.launches = None
-
-        reply = {}
-        if profiler:
-            defines = [(d, _code_of(self._resolve(module, d))) for d in exercise.defines]
-            broken = self._judge(exercise, profiler.getstats(), [(d, c[0]) for d, c in defines if not c[2]])
-            if broken:
-                raise Failure(**broken)
+    def _results(self, value, device: str, kernels: list, launches: set, call: str):
+        """The plain form of the learner's results; Failure when a kernel exercise's kernel did not run,
+        or its launcher returned a tensor that the kernel did not write."""
+        value, foreign = self._plain(value, device, launches if kernels else None)
         if kernels:
             names = ", ".join(k.fn.__name__ for k in kernels)
             if "launched" not in launches:
-                raise Failure(kind="not_launched", file=self.path.name, kernel=names, call=request.get("call", ""))
-        value, foreign = self._plain(value, device, launches if kernels else None)
-        if foreign:
-            raise Failure(kind="not_written", file=self.path.name, kernel=names, call=request.get("call", ""))
-        reply["value"] = value
-        reply["modified"] = [name for name, (copy, shape, stride) in before.items()
-                             if inputs[name].shape != shape or inputs[name].stride() != stride
-                             or not torch.equal(inputs[name], copy)]
-        if probe is not None:
-            reply["observed"] = probe.observed()
-        return reply
+                raise Failure(kind="not_launched", file=self.path.name, kernel=names, call=call)
+            if foreign:
+                raise Failure(kind="not_written", file=self.path.name, kernel=names, call=call)
+        return value
 
     def _plain(self, value, device: str, launches):
         """value with every non-plain tensor replaced by an Opaque that says why; and whether a tensor
