@@ -12,6 +12,7 @@ killed and reaped before the next chapter (and before any report is written).
 import contextlib
 import os
 import signal
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,7 +110,8 @@ class Session:
         try:
             self.process = WorkerProcess(REPO_ROOT, user=self.user)
         except OSError as e:
-            raise TargetError(f"the grading worker process did not start ({e}): run `flashcourse doctor`") from None
+            who = f" as {self.user} (who must be able to run {sys.executable} and read the course)" if self.user else ""
+            raise TargetError(f"the grading worker process did not start{who}: {e}") from None
         self.process.send({"target": str(self.target), "chapter": self.chapter})
         try:
             header, blobs = self.process.receive(START_TIMEOUT)
@@ -434,7 +436,6 @@ def load_module(target: Path, chapter: str):
     """
     import hashlib
     import importlib.util
-    import sys
 
     from .checks import chapter as chapter_checks
 
