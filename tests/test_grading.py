@@ -317,3 +317,10 @@ def test_a_file_that_never_finishes_importing_costs_one_time_limit(tmp_path):
     assert results[0].status == "timed out" and "importing ch01_naive.py did not finish" in results[0].message
     assert all("timed out in an earlier check" in r.message for r in results[1:])
     assert sum(r.seconds for r in results) < 10
+
+
+def test_an_exception_names_its_line_of_the_submission(tmp_path):
+    text = edit(solution("ch01_naive"), "    i = torch.arange(Nq)[:, None]\n", "    raise ValueError('my bug')\n")
+    results = grade(["ch01"], submit(tmp_path, ch01_naive=text), isolate=False, exercises=["causal_mask"])
+    line = text[: text.index("my bug")].count("\n") + 1
+    assert results[0].message == f"raised ValueError: my bug (ch01_naive.py line {line})"

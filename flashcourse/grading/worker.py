@@ -189,7 +189,7 @@ class Worker:
         except SyntaxError as e:
             self.load_failure = {"kind": "syntax", "file": self.path.name, "message": str(e.msg), "line": e.lineno}
         except BaseException as e:  # noqa: BLE001  (whatever the learner's file raises on import)
-            self.load_failure = {"kind": "import", "file": self.path.name, **self._exception(e)}
+            self.load_failure = {"kind": "import", **self._exception(e)}
         if self.load_failure is not None:
             raise Failure(**self.load_failure)
         self.module = module
@@ -199,7 +199,8 @@ class Worker:
         """type, first line of the message and the line of the submission file where it was raised."""
         frames = [f for f in traceback.extract_tb(e.__traceback__) if Path(f.filename).resolve() == self.path]
         text = (str(e).strip().splitlines() or [""])[0][:300]
-        return {"type": type(e).__name__, "message": text, "line": frames[-1].lineno if frames else None}
+        return {"type": type(e).__name__, "message": text, "line": frames[-1].lineno if frames else None,
+                "file": self.path.name}
 
     @contextlib.contextmanager
     def _captured(self, out):
