@@ -117,8 +117,9 @@ def expect_tiles(what: str, observed: dict) -> None:
     Nq, Nk, B_r, B_c = TILED["Nq"], TILED["Nk"], TILED["block_m"], TILED["block_n"]
     sizes = f"Nq={Nq} Nk={Nk} block_m={B_r} block_n={B_c}"
     if v.get("whole"):
-        raise CheckFailed(f"{what} built a whole {tuple(v.get('shape', ()))} score matrix (in torch.{v.get('op')}) "
-                          f"[{sizes}]", "compute S_ij = scale · Q_i K_jᵀ inside the two loops, one tile at a time")
+        raise CheckFailed(f"{what} built a {tuple(v.get('shape', ()))} tensor, the size of the whole score matrix "
+                          f"(in torch.{v.get('op')}) [{sizes}]",
+                          "compute S_ij = scale · Q_i K_jᵀ (and its mask) inside the two loops, one tile at a time")
     q, k = v.get("queries"), v.get("keys")
     layout = "(keys × queries)" if v.get("transposed") else "(queries × keys)"
     swapped = q == B_c and k == B_r
