@@ -326,3 +326,20 @@ def test_an_exception_names_its_line_of_the_submission(tmp_path):
     results = grade(["ch01"], submit(tmp_path, ch01_naive=text), isolate=False, exercises=["causal_mask"])
     line = text[: text.index("my bug")].count("\n") + 1
     assert results[0].message == f"raised ValueError: my bug (ch01_naive.py line {line})"
+
+
+def test_make_exercises_refuses_then_forces_in_a_checkout(tmp_path, monkeypatch, capsys):
+    from flashcourse.grading import runner
+
+    shutil.copytree(SOLUTIONS, tmp_path / "solutions")
+    monkeypatch.setattr(runner, "REPO_ROOT", tmp_path)
+    assert make_exercises_main([]) == 0
+    mine = tmp_path / "exercises" / "ch02_softmax.py"
+    mine.write_text(mine.read_text() + "# my work\n")
+    (tmp_path / "solutions" / "ch02_softmax.py").write_text(solution("ch02_softmax") + "# newer\n")
+    capsys.readouterr()
+    assert make_exercises_main([]) == 1
+    assert "ch02_softmax.py hold your changes" in capsys.readouterr().err and "# my work" in mine.read_text()
+    assert make_exercises_main(["--force"]) == 0
+    assert "# my work" not in mine.read_text()
+    assert [p.read_text().endswith("# my work\n") for p in (tmp_path / "exercises" / ".backup").glob("*/ch02_softmax.py")] == [True]
