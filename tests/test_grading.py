@@ -339,7 +339,7 @@ def test_make_exercises_refuses_then_forces_in_a_checkout(tmp_path, monkeypatch,
     (tmp_path / "solutions" / "ch02_softmax.py").write_text(solution("ch02_softmax") + "# newer\n")
     capsys.readouterr()
     assert make_exercises_main([]) == 1
-    assert "ch02_softmax.py hold your changes" in capsys.readouterr().err and "# my work" in mine.read_text()
+    assert "not overwritten, because you changed them: ch02_softmax.py" in capsys.readouterr().err and "# my work" in mine.read_text()
     assert make_exercises_main(["--force"]) == 0
     assert "# my work" not in mine.read_text()
     assert [p.read_text().endswith("# my work\n") for p in (tmp_path / "exercises" / ".backup").glob("*/ch02_softmax.py")] == [True]

@@ -144,7 +144,7 @@ def main(argv=None) -> int:
     if moved:
         print(f"your previous {', '.join(moved)} moved to {backup}")
     if kept:
-        print(f"exercises/: {', '.join(kept)} hold your changes and were not overwritten; rerun with --force to "
+        print(f"exercises/: not overwritten, because you changed them: {', '.join(kept)}; rerun with --force to "
               f"move them to exercises/{BACKUP}/ first, or use --out DIR for fresh copies elsewhere", file=sys.stderr)
         return 1
     return 0
