@@ -343,3 +343,16 @@ def test_make_exercises_refuses_then_forces_in_a_checkout(tmp_path, monkeypatch,
     assert make_exercises_main(["--force"]) == 0
     assert "# my work" not in mine.read_text()
     assert [p.read_text().endswith("# my work\n") for p in (tmp_path / "exercises" / ".backup").glob("*/ch02_softmax.py")] == [True]
+
+
+def test_a_result_no_check_foresaw_fails_its_check_only():
+    from flashcourse.grading.checks import chapter
+    from flashcourse.grading.framework import Check
+    from flashcourse.grading.runner import Session, run_check
+
+    def run(m):
+        return m.safe_softmax(torch.zeros(2, 3)) / "a string"  # a check that did not foresee what came back
+
+    check = Check("ch02", "safe_softmax", "unforeseen", 1, "a hint", run)
+    result = run_check(Session(SOLUTIONS, "ch02", isolate=False), check, 60, chapter("ch02"))
+    assert result.status == "failed" and result.message.startswith("the result could not be checked (TypeError")

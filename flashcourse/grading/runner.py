@@ -372,6 +372,9 @@ def run_check(session: Session, check, timeout: float, chapter_checks) -> Result
             session.disqualified[None] = CheckFailed(f"importing {file} timed out in an earlier check", result.hint)
     except WorkerCrash as e:
         result.status, result.message = "error", str(e)
+    except Exception as e:  # noqa: BLE001  (a result of a shape no check foresaw must not stop the grading)
+        result.status = "failed"
+        result.message = f"the result could not be checked ({type(e).__name__}: {str(e)[:200]})"
     result.seconds = time.monotonic() - start
     result.output = "".join(output)[-MAX_OUTPUT:]
     return result
