@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from flashcourse.grading import require_implemented
+from flashcourse.grading import require_implemented, require_kernel_dtype
 from flashcourse.kernels.common import load_tile, store_tile  # given: masked 2-d tile load and store
 
 # constants a kernel reads must be tl.constexpr (Triton refuses other globals when it compiles)
@@ -60,6 +60,7 @@ def flash_attention_forward(q, k, v, causal: bool = False, scale=None, BLOCK_M: 
     d must be a power of two from 16 to 128. The grid has one program per (query block, batch·head).
     """
     require_implemented(attention_fwd_kernel)
+    require_kernel_dtype(q, k, v)
     B, H, Nq, d = q.shape
     Nk = k.shape[2]
     if d not in (16, 32, 64, 128):

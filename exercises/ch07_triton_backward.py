@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from flashcourse.grading import require_implemented
+from flashcourse.grading import require_implemented, require_kernel_dtype
 from flashcourse.kernels.common import load_tile, store_tile  # given: masked 2-d tile load and store
 
 
@@ -82,6 +82,7 @@ def dq_kernel(Q, K, V, dO, dQ, L, Delta, Nq, Nk, scale,
 
 def _prepare(q, k, v, o, lse, do, scale, BLOCK_M):
     """Given: contiguous inputs, the scale, and D from the preprocess kernel."""
+    require_kernel_dtype(q, k, v, o, do)
     B, H, Nq, d = q.shape
     if d not in (16, 32, 64, 128):
         raise ValueError(f"these kernels take a head dim d of 16, 32, 64 or 128, got {d}")

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from flashcourse.grading import require_implemented
+from flashcourse.grading import require_implemented, require_kernel_dtype
 
 
 @triton.jit
@@ -38,6 +38,7 @@ def add_kernel(x_ptr, y_ptr, out_ptr, n, BLOCK: tl.constexpr):
 def add(x: torch.Tensor, y: torch.Tensor, BLOCK: int = 64) -> torch.Tensor:
     """Given launcher: x + y for 1-d tensors of the same shape, one program per BLOCK elements."""
     require_implemented(add_kernel)
+    require_kernel_dtype(x, y)
     out = torch.empty_like(x)
     n = x.numel()
     add_kernel[(triton.cdiv(n, BLOCK),)](x, y, out, n, BLOCK=BLOCK)
@@ -73,6 +74,7 @@ def softmax_kernel(x_ptr, out_ptr, n_cols, stride_row, BLOCK: tl.constexpr):
 def softmax(x: torch.Tensor) -> torch.Tensor:
     """Given launcher: softmax over the last dim of a 2-d tensor (M, N), one program per row."""
     require_implemented(softmax_kernel)
+    require_kernel_dtype(x)
     x = x.contiguous()
     out = torch.empty_like(x)
     M, N = x.shape
@@ -116,6 +118,7 @@ def matmul_kernel(a_ptr, b_ptr, c_ptr, M, N, K,
 def matmul(a: torch.Tensor, b: torch.Tensor, BLOCK_M: int = 16, BLOCK_N: int = 16, BLOCK_K: int = 16) -> torch.Tensor:
     """Given launcher: a (M, K) @ b (K, N) -> (M, N) in a's dtype, one program per (BLOCK_M, BLOCK_N) tile."""
     require_implemented(matmul_kernel)
+    require_kernel_dtype(a, b)
     M, K = a.shape
     N = b.shape[1]
     c = torch.empty((M, N), dtype=a.dtype, device=a.device)

@@ -1,10 +1,14 @@
-"""What a grading check is, how it compares a learner's tensor to the oracle, and how it reports a miss.
+"""What a grading check is, how it compares a learner's result with the oracle, and how it reports a miss.
 
-A check is a small function ``run(m)`` that calls the learner's module ``m`` (a file of the target
-folder, e.g. ``exercises/ch02_softmax.py``) on a few cases and compares each result with ``flashcourse``.
-It passes by returning; it fails by raising ``CheckFailed`` with one short line (what was compared,
-the case, the max abs error and where). Any other exception of the learner's code fails only that
-check, and a stub's ``NotImplementedError`` is reported as "not implemented yet".
+A check is a function ``run(m)`` that runs in the grader: it builds the inputs, calls the learner's
+code through ``m`` (``m.naive_attention(q, k, v)`` runs in the worker process and returns plain
+data), computes the oracle on its own copy of the inputs and compares. It passes by returning; it
+fails by raising ``CheckFailed`` with one short line (what was compared, the case, the max abs error
+and where) and, when the failure itself says what to fix, a hint of its own.
+
+A chapter is one module ``flashcourse/grading/checks/chNN.py`` holding ``CHECKS = ChapterChecks(...)``:
+its checks, what each exercise must define, and the worker-side drivers of calls that are more than
+one function call (e.g. building an ``nn.Module``). Adding a chapter is that file plus its solution.
 """
 
 from dataclasses import dataclass, field
@@ -12,33 +16,20 @@ from typing import Callable, Optional
 
 import torch
 
+from .wire import Opaque
+
 STUB_SUFFIX = "not implemented yet"
-
-# chapter id -> the file name (without .py) that exercises/ and solutions/ share
-CHAPTERS = {
-    "ch01": "ch01_naive",
-    "ch02": "ch02_softmax",
-    "ch03": "ch03_tiling",
-    "ch04": "ch04_triton_primer",
-    "ch05": "ch05_triton_forward",
-    "ch06": "ch06_backward",
-    "ch07": "ch07_triton_backward",
-    "ch08": "ch08_module",
-}
-
-
-def chapter_id(chapter) -> str:
-    """'ch02', 'ch02_softmax', '02', '2' or 2 -> 'ch02'; ValueError naming the chapters otherwise."""
-    text = str(chapter).strip().lower()
-    text = text[2:] if text.startswith("ch") else text
-    number = text.split("_")[0]
-    if number.isdigit() and f"ch{int(number):02d}" in CHAPTERS:
-        return f"ch{int(number):02d}"
-    raise ValueError(f"unknown chapter {chapter!r}; the graded chapters are {', '.join(CHAPTERS)}")
 
 
 class CheckFailed(AssertionError):
-    """A result differs from the oracle; the message is the one line the report shows."""
+    """A result differs from the oracle; the message is the one line the report shows.
+
+    hint: what to do about this very failure (e.g. a wrong dtype); None keeps the check's own hint.
+    """
+
+    def __init__(self, message: str, hint: Optional[str] = None):
+        super().__init__(message)
+        self.hint = hint
 
 
 def stub_message(qualname: str, chapter: str) -> str:
@@ -58,6 +49,17 @@ def require_implemented(kernel) -> None:
             raise NotImplementedError(const)
 
 
+def require_kernel_dtype(*tensors: torch.Tensor) -> None:
+    """Raise TypeError for bfloat16 inputs of a learner's kernel when Triton runs in its CPU interpreter:
+    there (Triton 3.9) bfloat16 arithmetic, ``tl.dot`` and casts give garbage. On a GPU, bfloat16 runs
+    and is graded; on the CPU the exercises' launchers call this first, and bfloat16 is not graded."""
+    from .._env import INTERPRET
+
+    if INTERPRET and any(t.dtype == torch.bfloat16 for t in tensors):
+        raise TypeError("bfloat16 kernels need a GPU: Triton's CPU interpreter computes bfloat16 arithmetic "
+                        "wrongly; use float16 or float32 on the CPU")
+
+
 @dataclass(frozen=True)
 class Check:
     """One graded check of one exercise; ``run(m)`` raises on failure."""
@@ -70,12 +72,45 @@ class Check:
     run: Callable = field(repr=False)
 
 
-class ChapterChecks(list):
-    """The checks of one chapter, in order; ``@checks.add(exercise, name, points, hint)`` appends one."""
+@dataclass(frozen=True)
+class Exercise:
+    """What the grader asks of one exercise besides its results.
 
-    def __init__(self, chapter: str):
+    defines: the names (``f``, ``Class.method``, a kernel) that the submission file itself must define;
+    allow: qualified names of flashcourse functions it may call besides ``ALLOWED`` (the stubs' helpers).
+    """
+
+    name: str
+    defines: tuple
+    allow: tuple = ()
+
+
+# flashcourse code that any exercise may run: the grader's own helpers and what the stubs import
+ALLOWED = ("flashcourse.grading.", "flashcourse.kernels.common.load_tile", "flashcourse.kernels.common.store_tile",
+           "flashcourse.kernels.common.dot")
+
+
+class ChapterChecks(list):
+    """The checks of one chapter, in order.
+
+    chapter: 'ch02'; file: the exercise file's stem ('ch02_softmax'); notebook: the notebook's stem.
+    ``@checks.add(exercise, name, points=, hint=)`` appends a check; ``checks.exercise(...)`` declares
+    what an exercise must define when that is not just its name; ``@checks.driver`` registers a
+    function ``driver(module, ...)`` that the worker runs on the learner's module.
+    """
+
+    def __init__(self, chapter: str, *, file: str, notebook: str):
         super().__init__()
-        self.chapter = chapter
+        self.chapter, self.file, self.notebook = chapter, file, notebook
+        self.exercises: dict = {}
+        self.drivers: dict = {}
+
+    def exercise(self, name: str, *, defines: Optional[tuple] = None, allow: tuple = ()) -> Exercise:
+        self.exercises[name] = Exercise(name, tuple(defines or (name,)), tuple(allow))
+        return self.exercises[name]
+
+    def spec(self, name: str) -> Exercise:
+        return self.exercises.get(name) or Exercise(name, (name,))
 
     def add(self, exercise: str, name: str, *, points: int = 1, hint: str):
         def register(run):
@@ -84,27 +119,46 @@ class ChapterChecks(list):
 
         return register
 
+    def driver(self, fn):
+        self.drivers[fn.__name__] = fn
+        return fn
+
 
 def describe(t) -> str:
     if isinstance(t, torch.Tensor):
         return f"tensor of shape {tuple(t.shape)}, dtype {t.dtype}"
+    if isinstance(t, Opaque):
+        return t.reason or t.type_name
     return type(t).__name__
 
 
+def expect_tensor(what: str, got, want_shape, *, dtype: Optional[torch.dtype] = None, case: str = "",
+                  dtype_hint: Optional[str] = None) -> None:
+    """got is a plain tensor of ``want_shape`` (and ``dtype`` when given); CheckFailed with a fitting hint."""
+    where = f" [{case}]" if case else ""
+    shape = tuple(want_shape)
+    if not isinstance(got, torch.Tensor):
+        hint = ("return a plain torch.Tensor (not a subclass, not on another device)" if isinstance(got, Opaque)
+                else f"return a torch.Tensor of shape {shape}")
+        raise CheckFailed(f"{what}{where}: expected a tensor of shape {shape}, got {describe(got)}", hint)
+    if tuple(got.shape) != shape:
+        raise CheckFailed(f"{what}{where}: shape {tuple(got.shape)}, expected {shape}",
+                          f"the result must have shape {shape}: check which dims you reduce, transpose or slice")
+    if dtype is not None and got.dtype != dtype:
+        raise CheckFailed(f"{what}{where}: dtype {got.dtype}, expected {dtype}",
+                          dtype_hint or f"return the result in {dtype}: compute in float32 if you like, "
+                                        f"then convert with .to({dtype})")
+
+
 def expect_close(what: str, got, want: torch.Tensor, *, atol: float, rtol: float = 0.0, case: str = "",
-                 dtype: Optional[torch.dtype] = None) -> None:
+                 dtype: Optional[torch.dtype] = None, dtype_hint: Optional[str] = None) -> None:
     """got must be a tensor of want's shape (and of ``dtype`` when given), finite where want is, and close.
 
     Raises CheckFailed naming ``what`` ("O vs flashcourse.naive_attention"), the ``case``, the max abs
     error and its index, and the tolerance.
     """
+    expect_tensor(what, got, want.shape, dtype=dtype, case=case, dtype_hint=dtype_hint)
     where = f" [{case}]" if case else ""
-    if not isinstance(got, torch.Tensor):
-        raise CheckFailed(f"{what}{where}: expected a tensor of shape {tuple(want.shape)}, got {describe(got)}")
-    if tuple(got.shape) != tuple(want.shape):
-        raise CheckFailed(f"{what}{where}: shape {tuple(got.shape)}, expected {tuple(want.shape)}")
-    if dtype is not None and got.dtype != dtype:
-        raise CheckFailed(f"{what}{where}: dtype {got.dtype}, expected {dtype}")
     g, w = got.detach().to(torch.float64).cpu(), want.detach().to(torch.float64).cpu()
     # infinities must match exactly (e.g. lse = -inf for a row that sees no key); NaN never passes
     bad_inf = torch.isinf(w) & (g != w)
@@ -127,10 +181,10 @@ def expect_close(what: str, got, want: torch.Tensor, *, atol: float, rtol: float
                           f"{f'+{rtol:.0e}·|want|' if rtol else ''}), shape {tuple(want.shape)}")
 
 
-def expect(condition: bool, message: str) -> None:
+def expect(condition: bool, message: str, hint: Optional[str] = None) -> None:
     """A plain condition of a check (e.g. a returned tuple has two entries)."""
     if not condition:
-        raise CheckFailed(message)
+        raise CheckFailed(message, hint)
 
 
 def randn(*shape, seed: int, dtype=torch.float32, scale: float = 1.0) -> torch.Tensor:
@@ -139,9 +193,10 @@ def randn(*shape, seed: int, dtype=torch.float32, scale: float = 1.0) -> torch.T
     return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dtype)
 
 
-def qkv(B, H, Nq, Nk, d, *, seed: int, dtype=torch.float32):
-    """Random q (B, H, Nq, d), k and v (B, H, Nk, d)."""
-    return (randn(B, H, Nq, d, seed=seed, dtype=dtype), randn(B, H, Nk, d, seed=seed + 1, dtype=dtype),
+def qkv(B, H, Nq, Nk, d, *, seed: int, dtype=torch.float32, scale: float = 1.0):
+    """Random q (B, H, Nq, d), k and v (B, H, Nk, d); q and k of standard deviation ``scale``."""
+    return (randn(B, H, Nq, d, seed=seed, dtype=dtype, scale=scale),
+            randn(B, H, Nk, d, seed=seed + 1, dtype=dtype, scale=scale),
             randn(B, H, Nk, d, seed=seed + 2, dtype=dtype))
 
 
@@ -153,7 +208,7 @@ def case_name(**kw) -> str:
             parts += [k] if v else []
         elif isinstance(v, torch.dtype):
             parts.append(str(v).replace("torch.", ""))
-        else:
+        elif v is not None:
             parts.append(f"{k}={v}")
     return " ".join(parts)
 

@@ -1,39 +1,46 @@
-"""Run the grading checks of some chapters against a target folder, each check under a time limit.
+"""Run the checks of some chapters against a target folder: a fresh worker process per chapter.
 
-The target folder (``exercises/``, ``solutions/`` or a student's copy) is loaded file by file through
-importlib under a name of its own, so two targets never clash. By default every check runs in a
-worker process: the parent waits at most the check's time limit for its result, and on a time-out
-(an endless loop, a hanging kernel) or a crash it kills the worker and starts a fresh one for the
-checks that remain. Whatever the learner's code prints is captured with the result, never shown
-between the lines of the report.
+The grader (this process) never imports the learner's code. For each chapter it starts a worker
+(``procs.WorkerProcess``), and each check calls the learner's functions through a ``Submission``:
+the inputs travel to the worker as data, the learner's function runs there on its own copies, and
+the results come back as data (``wire``), to be compared with the oracle that the check computes
+here on its own inputs. A check that overruns its time limit, or a worker that dies, costs a fresh
+worker for the checks that remain. When a chapter ends, its worker and everything it started are
+killed and reaped before the next chapter (and before any report is written).
 """
 
 import contextlib
-import hashlib
-import importlib
-import importlib.util
-import io
 import os
-import pickle
-import queue
-import subprocess
+import signal
 import sys
-import threading
 import time
-import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional
 
-from .framework import CHAPTERS, STUB_SUFFIX, Check, CheckFailed, chapter_id
+import torch
+
+from . import wire
+from .checks import all_chapters, chapter_ids
+from .framework import STUB_SUFFIX, CheckFailed
+from .procs import WorkerDied, WorkerProcess, WorkerTimeout, subreaper
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_TIMEOUT = 60.0  # seconds per check (the slowest takes a few on a 2-core CPU)
+START_TIMEOUT = 300.0  # seconds for a worker to import torch and Triton (the first time is slow)
 MAX_OUTPUT = 2000  # characters of captured learner output kept per check
 
 
 class TargetError(Exception):
     """The target cannot be graded at all (e.g. the folder does not exist)."""
+
+
+class GradingInterrupted(Exception):
+    """Ctrl-C while grading; ``results`` holds the checks that finished."""
+
+    def __init__(self, results: list):
+        super().__init__("interrupted")
+        self.results = results
 
 
 @dataclass
@@ -52,6 +59,17 @@ class Result:
     seconds: float = 0.0
 
 
+def chapter_id(chapter) -> str:
+    """'ch02', 'ch02_softmax', '02', '2' or 2 -> 'ch02'; ValueError naming the chapters otherwise."""
+    text = str(chapter).strip().lower()
+    text = text[2:] if text.startswith("ch") else text
+    number = text.split("_")[0]
+    ids = chapter_ids()
+    if number.isdigit() and f"ch{int(number):02d}" in ids:
+        return f"ch{int(number):02d}"
+    raise ValueError(f"unknown chapter {chapter!r}; the graded chapters are {', '.join(ids)}")
+
+
 def resolve_target(target=None) -> Path:
     """The folder to grade: a PATH as given, else ``exercises``/``solutions`` of this checkout.
 
@@ -59,229 +77,381 @@ def resolve_target(target=None) -> Path:
     """
     target = target or os.environ.get("FLASHCOURSE_TARGET") or "exercises"
     path = Path(target).expanduser()
+    looked = [path.resolve()]
     if not path.is_dir() and str(target) in ("exercises", "solutions"):
         path = REPO_ROOT / str(target)
+        looked.append(path)
     if not path.is_dir():
+        places = " or ".join(dict.fromkeys(str(p) for p in looked))
         raise TargetError(
-            f"target folder {str(target)!r} not found (looked in {Path.cwd()} and {REPO_ROOT}); give "
-            f"--target exercises, --target solutions or the path of a folder holding the chapter files "
-            f"({', '.join(f + '.py' for f in CHAPTERS.values())})"
+            f"target folder not found: {places}; give --target exercises, --target solutions or the path "
+            f"of a folder holding the chapter files (e.g. ch01_naive.py)"
         )
     return path.resolve()
 
 
-def available_chapters() -> list:
-    """The chapters that have grading checks, in course order."""
-    return [c for c in CHAPTERS if importlib.util.find_spec(f"flashcourse.grading.checks.{c}") is not None]
+# --- the parent's side of a call -----------------------------------------------------------------
 
+class Session:
+    """The worker of one chapter on one target, restarted after a crash or a time-out.
 
-def chapter_checks(chapter: str) -> list:
-    if chapter not in available_chapters():
-        raise ValueError(f"chapter {chapter} has no grading checks yet; graded: {', '.join(available_chapters())}")
-    return importlib.import_module(f"flashcourse.grading.checks.{chapter}").CHECKS
-
-
-_modules: dict = {}
-
-
-def load_module(target: Path, chapter: str, fresh: bool = False):
-    """Import ``target/<chapter file>.py`` under a name unique to the target folder (cached unless fresh)."""
-    key = (str(target), chapter)
-    if fresh or key not in _modules:
-        path = target / f"{CHAPTERS[chapter]}.py"
-        if not path.is_file():
-            raise FileNotFoundError(f"{path.name} is missing from {target}")
-        tag = hashlib.sha1(str(target).encode()).hexdigest()[:10]
-        name = f"_flashcourse_target_{tag}_{path.stem}"
-        spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        try:
-            spec.loader.exec_module(module)
-        except BaseException:
-            del sys.modules[name]
-            raise
-        _modules[key] = module
-    return _modules[key]
-
-
-def _where(exc: BaseException, target: Path) -> str:
-    """' (ch02_softmax.py line 42)': the last frame of the traceback inside the target folder."""
-    frames = [f for f in traceback.extract_tb(exc.__traceback__) if Path(f.filename).parent == target]
-    if isinstance(exc, SyntaxError) and exc.filename and Path(exc.filename).parent == target:
-        return f" ({Path(exc.filename).name} line {exc.lineno})"
-    return f" ({Path(frames[-1].filename).name} line {frames[-1].lineno})" if frames else ""
-
-
-def run_check(target: Path, check: Check) -> Result:
-    """Run one check in this process, capturing what the learner's code prints."""
-    result = Result(check.chapter, check.exercise, check.name, check.points, 0, "passed", hint=check.hint)
-    out = io.StringIO()
-    start = time.perf_counter()
-    try:
-        import torch
-
-        torch.manual_seed(0)
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
-            try:
-                module = load_module(target, check.chapter)
-            except FileNotFoundError as e:
-                raise CheckFailed(str(e)) from None
-            except Exception as e:
-                why = e.msg if isinstance(e, SyntaxError) else e
-                raise CheckFailed(f"could not import {CHAPTERS[check.chapter]}.py: "
-                                  f"{type(e).__name__}: {why}{_where(e, target)}") from None
-            check.run(module)
-        result.earned = check.points
-    except CheckFailed as e:
-        result.status, result.message = "failed", str(e)
-    except NotImplementedError as e:
-        message = str(e) if STUB_SUFFIX in str(e) else f"{check.chapter}.{check.exercise}: {STUB_SUFFIX}"
-        result.status, result.message = "not implemented", message
-    except SystemExit as e:
-        result.status, result.message = "failed", f"called exit({e.code}) {_where(e, target).strip()}"
-    except Exception as e:
-        first_line = (str(e).strip().splitlines() or [""])[0][:300]
-        result.status, result.message = "failed", f"raised {type(e).__name__}: {first_line}{_where(e, target)}"
-    result.seconds = time.perf_counter() - start
-    result.output = out.getvalue()[-MAX_OUTPUT:]
-    return result
-
-
-def serve() -> None:
-    """The worker (``python -m flashcourse.grading.runner``): answer pickled (target, chapter, index)
-    on stdin with a pickled Result on stdout. Anything else written to the fds 1 and 2 (the learner's
-    code, Triton, C++) goes to /dev/null, never into the protocol or the parent's terminal."""
-    replies = os.fdopen(os.dup(1), "wb")
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 1)
-    os.dup2(devnull, 2)
-    tasks = sys.stdin.buffer
-    sys.stdin = open(os.devnull)  # input() in learner code gets EOF instead of waiting forever
-    import flashcourse  # noqa: F401  (switches Triton's interpreter on before anything imports triton)
-
-    def send(message) -> None:
-        pickle.dump(message, replies)
-        replies.flush()
-
-    send("ready")
-    while True:
-        try:
-            target, chapter, index = pickle.load(tasks)
-        except EOFError:
-            return
-        send(run_check(Path(target), chapter_checks(chapter)[index]))
-
-
-class Worker:
-    """A child Python process that runs checks; killed and replaced when a check overruns its time limit.
-
-    A plain subprocess (not multiprocessing), so that grading from a learner's script never re-runs
-    that script in the child.
+    isolate=False runs the worker's code in this process (no time limit, no guard pages): for the
+    project's own tests of honest submissions only, since the learner's code then shares the oracle.
     """
 
-    START_TIMEOUT = 300.0
-
-    def __init__(self):
+    def __init__(self, target: Path, chapter: str, *, isolate: bool = True, user: Optional[str] = None):
+        self.target, self.chapter, self.isolate, self.user = target, chapter, isolate, user
         self.process = None
-        self.replies = None
+        self.local = None
+        self.next_id = self.first_id = 0
+        self.disqualified = {}  # exercise (or None: the whole file) -> CheckFailed to repeat
 
     def _start(self) -> None:
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
-        self.process = subprocess.Popen([sys.executable, "-m", "flashcourse.grading.runner"], stdin=subprocess.PIPE,
-                                        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env)
-        self.replies = queue.Queue()
-        threading.Thread(target=self._read, args=(self.process.stdout, self.replies), daemon=True).start()
-        if self._reply(self.START_TIMEOUT) != "ready":
+        try:
+            self.process = WorkerProcess(REPO_ROOT, user=self.user)
+        except OSError as e:
+            who = f" as {self.user} (who must be able to run {sys.executable} and read the course)" if self.user else ""
+            raise TargetError(f"the grading worker process did not start{who}: {e}") from None
+        self.process.send({"target": str(self.target), "chapter": self.chapter})
+        try:
+            header, blobs = self.process.receive(START_TIMEOUT)
+        except (WorkerDied, WorkerTimeout, wire.ProtocolError):
+            self.stop()
+            raise TargetError("the grading worker process did not start: run `flashcourse doctor`") from None
+        if not isinstance(wire.decode(header, blobs), dict):
             self.stop()
             raise TargetError("the grading worker process did not start: run `flashcourse doctor`")
 
-    @staticmethod
-    def _read(stream, replies) -> None:
-        try:
-            while True:
-                replies.put(pickle.load(stream))
-        except Exception:  # EOF: the worker died or was killed
-            replies.put(None)
-
-    def _reply(self, timeout: float):
-        """The next message of the worker; TimeoutError after ``timeout`` s, None when it died."""
-        try:
-            return self.replies.get(timeout=timeout)
-        except queue.Empty:
-            raise TimeoutError from None
-
     def stop(self) -> None:
         if self.process is not None:
-            self.process.kill()
-            self.process.wait()
-            self.process.stdin.close()
-            self.process.stdout.close()
-        self.process = self.replies = None
+            self.process.stop()
+        self.process = None
 
-    def run(self, target: Path, check: Check, index: int, timeout: float) -> Result:
+    def request(self, message: dict, deadline: float, device: str) -> tuple:
+        """(reply dict, input names) of one call; WorkerTimeout / WorkerDied / ProtocolError otherwise."""
+        self.next_id += 1
+        message = {**message, "id": self.next_id}
+        if not self.isolate:
+            return self._local(message, device)
         if self.process is None:
             self._start()
-        start = time.perf_counter()
-        try:
-            pickle.dump((str(target), check.chapter, index), self.process.stdin)
-            self.process.stdin.flush()
-            reply = self._reply(timeout)
-        except TimeoutError:
-            reply = "timed out"
-        except OSError:  # the pipe broke: the worker is gone
-            reply = None
-        if isinstance(reply, Result):
-            return reply
-        if reply == "timed out":
-            status = "timed out"
-            message = f"no result within the time limit of {timeout:g} s: an endless loop, or a loop whose end is never reached?"
-        else:
-            status = "error"
-            message = f"the worker process died (exit code {self.process.wait()}) during this check: a crash in native code?"
-        self.stop()
-        return Result(check.chapter, check.exercise, check.name, check.points, 0, status, message, check.hint,
-                      seconds=time.perf_counter() - start)
+            self.first_id = self.next_id
+        self.process.send(message)
+        names, started = [], False
+        while True:
+            try:
+                header, blobs = self.process.receive(deadline - time.monotonic())
+            except WorkerDied as e:
+                e.inputs = names
+                self.stop()
+                raise
+            except WorkerTimeout as e:
+                e.importing = not started and self.next_id == self.first_id  # the learner's file never loaded
+                self.stop()
+                raise
+            except wire.ProtocolError:
+                self.stop()
+                raise
+            try:
+                reply = wire.decode(header, blobs, _expect_device(device))
+            except wire.ProtocolError:
+                self.stop()
+                raise
+            if not isinstance(reply, dict) or reply.get("id") != self.next_id:
+                self.stop()
+                raise wire.ProtocolError("a reply to another request")
+            if "inputs" in reply:  # the module is loaded, the call begins
+                names = [str(n) for n in reply["inputs"]] if isinstance(reply["inputs"], list) else []
+                started = True
+                continue
+            return reply, names
+
+    def _local(self, message: dict, device: str) -> tuple:
+        from .worker import Worker
+
+        if self.local is None:
+            self.local = Worker(self.target, self.chapter, guard_pages=False)
+        replies = []
+        send = lambda reply: replies.append(wire.through(reply, place=_expect_device(device)))  # noqa: E731
+        self.local.handle(wire.through(message, layout=True), send)
+        names = next((r["inputs"] for r in replies if "inputs" in r), [])
+        return replies[-1], names
+
+
+def _expect_device(device: str):
+    def place(entry, t):
+        if entry.get("device") != device:
+            return wire.Opaque("torch.Tensor", f"a tensor on {entry.get('device')}, expected on {device}")
+        return t
+
+    return place
+
+
+class Submission:
+    """The learner's module as a check sees it: ``m.name(*args)`` runs ``name`` in the worker.
+
+    Tensor arguments travel as data (a transposed view keeps its strides); the result comes back as
+    plain CPU tensors. ``m.name.watch(probe, **params)(*args)`` returns (result, what the probe saw);
+    ``m.run(driver, *args)`` runs a driver of the chapter on the learner's module.
+    """
+
+    def __init__(self, session: Session, check, deadline: float, output: list):
+        self._session, self._check, self._deadline, self._output = session, check, deadline, output
+
+    def __getattr__(self, name: str):
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return _Remote(self, {"call": name})
+
+    def run(self, driver: str, *args, **kwargs):
+        return _Remote(self, {"driver": driver})(*args, **kwargs)
+
+
+class _Remote:
+    def __init__(self, submission: Submission, target: dict, probe: Optional[dict] = None):
+        self._sub, self._target, self._probe = submission, target, probe
+
+    def watch(self, probe: str, **params) -> "_Remote":
+        return _Remote(self._sub, self._target, {"name": probe, "params": params})
+
+    def __call__(self, *args, **kwargs):
+        sub = self._sub
+        tensors = [t for t in list(args) + list(kwargs.values()) if isinstance(t, torch.Tensor)]
+        device = tensors[0].device.type if tensors else "cpu"
+        message = {**self._target, "exercise": sub._check.exercise, "args": list(args), "kwargs": kwargs,
+                   "device": device, "probe": self._probe}
+        reply = _ask(sub._session, message, sub._deadline, device)
+        sub._output.append(str(reply.get("output", "")))
+        failure = reply.get("failure")
+        if failure is not None:
+            raise _failure(failure, sub._session, sub._check)
+        modified = reply.get("modified") or []
+        if modified:
+            names = ", ".join(str(n) for n in modified)
+            raise CheckFailed(f"{_what(self._target)} changed its input {names} in place",
+                              f"leave the caller's tensors as they are: compute into new tensors "
+                              f"({modified[0]} * scale, not {modified[0]} *= scale or {modified[0]}.mul_())")
+        value = reply.get("value")
+        return (value, reply.get("observed") or {}) if self._probe else value
+
+
+def _what(target: dict) -> str:
+    return target.get("call") or target.get("driver", "")
+
+
+class WorkerCrash(Exception):
+    """The worker died during a check; the message says how, in the learner's terms."""
+
+
+def _ask(session: Session, message: dict, deadline: float, device: str) -> dict:
+    """The reply to one call; on a crash on the CPU, find the input read past its end."""
+    try:
+        reply, _ = session.request(message, deadline, device)
+        return reply
+    except WorkerDied as e:
+        raise WorkerCrash(_crash_message(session, message, deadline, device, e)) from None
+    except wire.ProtocolError as e:
+        raise WorkerCrash(f"the worker sent something that is not a result ({e}): does your code write to "
+                          f"file descriptors it did not open?") from None
+
+
+def _crash_message(session, message, deadline, device, died: WorkerDied) -> str:
+    status, names = died.status, getattr(died, "inputs", [])
+    if status is None:
+        return "the worker stopped answering during this check (did your code close its pipes or file descriptors?)"
+    if status >= 0:
+        return (f"your code ended the grading process (exit status {status}, e.g. os._exit() or a "
+                f"crashed thread) during this check")
+    signame = signal.Signals(-status).name if -status in signal.Signals._value2member_map_ else "a signal"
+    if device == "cpu" and status in (-signal.SIGSEGV, -signal.SIGBUS) and session.isolate and names:
+        for index, name in enumerate(names):
+            try:
+                session.request({**message, "guard": [index]}, deadline, device)
+            except WorkerDied:
+                return (f"read past the end of {name} (the process crashed with {signame}): a load without "
+                        f"a mask, or a mask that lets offsets >= the length through")
+            except (WorkerTimeout, wire.ProtocolError):
+                break
+    return f"the worker process was killed by {signame} during this check (a crash in native code?)"
+
+
+def _failure(record: dict, session: Session, check) -> Exception:
+    """The exception a worker's failure record becomes in the check (and is remembered for the next)."""
+    kind, file = str(record.get("kind")), str(record.get("file", ""))
+    name = str(record.get("name", check.exercise))
+    line = record.get("line")
+    at = f" ({file} line {line})" if isinstance(line, int) else ""
+    if kind == "not_implemented":
+        return NotImplementedError(str(record.get("message") or f"{check.chapter}.{check.exercise}: {STUB_SUFFIX}"))
+    if kind == "exception":
+        return CheckFailed(f"raised {record.get('type')}: {record.get('message')}{at}")
+    if kind == "exit":
+        return CheckFailed(f"called exit({record.get('code')}){at}: return a result instead")
+    if kind == "result":
+        return CheckFailed(f"the result could not be sent back: {record.get('message')}")
+    rule = "every graded function must be defined in the submission file"
+    if kind == "missing_file":
+        failure = CheckFailed(f"{file} is missing from {record.get('folder')}",
+                              f"the grader looks for {file} in the target folder; keep the exercise file names")
+    elif kind == "unreadable":
+        failure = CheckFailed(f"the worker (uid {record.get('uid')}) cannot read {file} in {record.get('folder')}",
+                              "give the worker's user read access to the submission, e.g. chmod -R a+rX FOLDER")
+    elif kind == "syntax":
+        failure = CheckFailed(f"could not import {file}: SyntaxError: {record.get('message')}{at}",
+                              f"fix the syntax error at line {line} of {file} (python -m py_compile {file} shows it)")
+    elif kind == "import":
+        failure = CheckFailed(f"could not import {file}: {record.get('type')}: {record.get('message')}{at}",
+                              f"importing {file} must work on its own: `python {file}` shows the error")
+    elif kind == "missing":
+        got = f" (it is a {record.get('got')})" if record.get("got") else ""
+        failure = CheckFailed(f"{file} defines no function {name}{got}",
+                              f"keep the names and signatures of the exercise file; "
+                              f"`python -m flashcourse.grading.make_exercises --out DIR` writes a fresh copy")
+    elif kind == "origin":
+        failure = CheckFailed(f"{name} is not defined in {file}: it comes from {record.get('source')} ({rule})",
+                              f"write {name} in {file} itself, not imported or loaded from another file")
+    elif kind == "foreign":
+        failure = CheckFailed(f"{name} ran {record.get('function')}() of {record.get('source')}: {rule}, "
+                              f"and may run only code of {file}, flashcourse's helpers and installed libraries",
+                              f"write {name} in {file} itself")
+    elif kind == "forbidden":
+        failure = CheckFailed(f"{name} calls {record.get('calls')}: this exercise is to write it yourself, "
+                              f"without the package's implementation",
+                              "use torch operations (or tl. in a kernel) and the helpers the exercise file imports")
+    elif kind == "unused":
+        failure = CheckFailed(f"the call never ran {name} of {file}",
+                              f"the given code must call your {name}, as the exercise file does")
+    elif kind == "not_launched":
+        failure = CheckFailed(f"{record.get('call')} never launched {record.get('kernel')}: the launcher must run "
+                              f"your kernel", "keep the given launcher as it is and write the kernel's body")
+    elif kind == "not_written":
+        failure = CheckFailed(f"{record.get('call')} returned a tensor that {record.get('kernel')} did not write",
+                              "keep the given launcher: it returns the tensors your kernel stores into")
+    else:
+        return CheckFailed(f"the worker sent an unknown failure {kind!r}")
+    session.disqualified[None if kind in ("missing_file", "unreadable", "syntax", "import") else check.exercise] = failure
+    return failure
+
+
+def not_implemented_message(chapter_checks, exercise: str, target: Path) -> str:
+    """'not implemented yet: write it in exercises/ch02_softmax.py (notebooks/02_online_softmax.ipynb, …)'."""
+    try:
+        where = (target / f"{chapter_checks.file}.py").relative_to(Path.cwd())
+    except ValueError:
+        where = target / f"{chapter_checks.file}.py"
+    return f"{STUB_SUFFIX}: write {exercise} in {where} (notebooks/{chapter_checks.notebook}.ipynb, section “Your turn”)"
+
+
+def run_check(session: Session, check, timeout: float, chapter_checks) -> Result:
+    """Run one check against the session's worker."""
+    result = Result(check.chapter, check.exercise, check.name, check.points, 0, "passed", hint=check.hint)
+    output = []
+    start = time.monotonic()
+    try:
+        repeated = session.disqualified.get(None) or session.disqualified.get(check.exercise)
+        if repeated is not None:
+            raise repeated
+        torch.manual_seed(0)
+        check.run(Submission(session, check, start + timeout, output))
+        result.earned = check.points
+    except CheckFailed as e:
+        result.status, result.message = "failed", str(e)
+        result.hint = e.hint if e.hint is not None else check.hint
+    except NotImplementedError:
+        result.status, result.hint = "not implemented", ""
+        result.message = not_implemented_message(chapter_checks, check.exercise, session.target)
+    except WorkerTimeout as e:
+        result.status = "timed out"
+        result.message = (f"no result within the time limit of {timeout:g} s: an endless loop, or a loop "
+                          f"whose end is never reached?")
+        if getattr(e, "importing", False):
+            file = f"{chapter_checks.file}.py"
+            result.message = f"importing {file} did not finish within the time limit of {timeout:g} s"
+            result.hint = (f"code at the top level of {file} runs when the file is imported: keep it to "
+                           f"definitions (put experiments under if __name__ == '__main__':)")
+            session.disqualified[None] = CheckFailed(f"importing {file} timed out in an earlier check", result.hint)
+    except WorkerCrash as e:
+        result.status, result.message = "error", str(e)
+    except Exception as e:  # noqa: BLE001  (a result of a shape no check foresaw must not stop the grading)
+        result.status = "failed"
+        result.message = f"the result could not be checked ({type(e).__name__}: {str(e)[:200]})"
+    result.seconds = time.monotonic() - start
+    result.output = "".join(output)[-MAX_OUTPUT:]
+    return result
 
 
 def grade(chapters: Optional[Iterable] = None, target=None, *, isolate: bool = True,
-          timeout: Optional[float] = None, exercises: Optional[Iterable[str]] = None) -> list:
+          timeout: Optional[float] = None, exercises: Optional[Iterable[str]] = None,
+          worker_user: Optional[str] = None, progress: Optional[Callable] = None) -> list:
     """Run the checks of ``chapters`` (default: all) against ``target``; return the Results in order.
 
-    isolate=False runs the checks in this process (faster, but no time limit). ``timeout``: the time
-    limit of each check (default DEFAULT_TIMEOUT); ``exercises`` keeps only the checks of these names.
+    timeout: the time limit of each check in seconds (default DEFAULT_TIMEOUT); exercises: keep only
+    the checks of these exercises; worker_user: run the learner's code as this user (the grader must
+    be root); progress(results): called with the Results of each exercise as it finishes.
+    isolate=False runs the learner's code in this process, for the project's own tests only.
+    Ctrl-C raises GradingInterrupted with the Results that finished (the worker is gone by then).
     """
     folder = resolve_target(target)
-    ids = [chapter_id(c) for c in chapters] if chapters else available_chapters()
+    ids = [chapter_id(c) for c in chapters] if chapters else chapter_ids()
+    limit = DEFAULT_TIMEOUT if timeout is None else float(timeout)
+    if not limit > 0:
+        raise ValueError(f"the time limit must be a positive number of seconds, got {timeout!r}")
     keep = None if exercises is None else set(exercises)
-    worker = Worker() if isolate else None
-    plan = {chapter: chapter_checks(chapter) for chapter in ids}
+    plan = all_chapters()  # every check module is imported before any learner code runs
     results = []
     try:
-        for chapter, checks in plan.items():
-            hung = {}  # exercise -> why: it overran a time limit or killed the worker; its other checks would too
-            for index, check in enumerate(checks):
-                if keep is not None and check.exercise not in keep:
-                    continue
-                if check.exercise in hung:
-                    results.append(Result(check.chapter, check.exercise, check.name, check.points, 0, "not run",
-                                          hung[check.exercise], check.hint))
-                elif worker is None:
-                    results.append(run_check(folder, check))
-                else:
-                    limit = timeout or DEFAULT_TIMEOUT
-                    results.append(worker.run(folder, check, index, limit))
-                    if results[-1].status in ("timed out", "error"):
-                        what = "timed out" if results[-1].status == "timed out" else "crashed the worker"
-                        hung[check.exercise] = f"not run: an earlier check of this exercise {what}"
-    finally:
-        if worker is not None:
-            worker.stop()
+        with subreaper() if isolate else contextlib.nullcontext():
+            for chapter in ids:
+                session = Session(folder, chapter, isolate=isolate, user=worker_user)
+                try:
+                    checks = [c for c in plan[chapter] if keep is None or c.exercise in keep]
+                    _grade_chapter(session, checks, plan[chapter], limit, progress, results)
+                finally:
+                    session.stop()  # the worker and everything it started are gone before the next chapter
+    except KeyboardInterrupt:
+        raise GradingInterrupted(results) from None
     return results
 
 
-if __name__ == "__main__":
-    # serve through the imported module, so that the Results pickle as flashcourse.grading.runner.Result
-    from flashcourse.grading.runner import serve as serve_imported
+def _grade_chapter(session: Session, checks: list, chapter_checks, limit: float, progress, results: list) -> None:
+    """Run ``checks`` (of one chapter) against the session's worker, appending their Results."""
+    last = {c.exercise: i for i, c in enumerate(checks)}
+    hung, done = {}, {}  # exercise -> why its other checks are not run; exercise -> its Results so far
+    for i, check in enumerate(checks):
+        if check.exercise in hung:
+            result = Result(check.chapter, check.exercise, check.name, check.points, 0, "not run", hung[check.exercise])
+        else:
+            result = run_check(session, check, limit, chapter_checks)
+            if result.status in ("timed out", "error"):
+                what = "timed out" if result.status == "timed out" else "crashed the worker"
+                whole_file = session.disqualified.get(None)
+                hung[check.exercise] = str(whole_file) if whole_file else f"an earlier check of this exercise {what}"
+        results.append(result)
+        done.setdefault(check.exercise, []).append(result)
+        if progress is not None and last[check.exercise] == i:
+            progress(done[check.exercise])
 
-    serve_imported()
+
+def load_module(target: Path, chapter: str):
+    """Import ``target/<chapter file>.py`` afresh in this process, under a name unique to the folder.
+
+    For a notebook that calls the learner's own functions next to the package's; grading never does this.
+    """
+    import hashlib
+    import importlib.util
+
+    from .checks import chapter as chapter_checks
+
+    path = Path(target) / f"{chapter_checks(chapter).file}.py"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path.name} is missing from {target}")
+    name = f"_flashcourse_target_{hashlib.sha1(str(target).encode()).hexdigest()[:10]}_{path.stem}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return module

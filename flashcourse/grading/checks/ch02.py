@@ -3,19 +3,19 @@
 import torch
 
 import flashcourse as fc
-from flashcourse.softmax import block_state, empty_state, finalize
+from flashcourse.softmax import SoftmaxState, block_state, empty_state, finalize
 
-from ..framework import ChapterChecks, case_name, expect, expect_close, randn, tolerance
-from ._common import Watch
+from ..framework import ChapterChecks, CheckFailed, case_name, expect, expect_close, randn, tolerance
 
-CHECKS = ChapterChecks("ch02")
+CHECKS = ChapterChecks("ch02", file="ch02_softmax", notebook="02_online_softmax")
 SHAPES = [(1, 1), (3, 10), (2, 4, 33), (5, 100)]
 NEG_INF = float("-inf")
+KEEP_DTYPE = "return the softmax in x's dtype: no .double() or .float() on the way out (or convert back with .to(x.dtype))"
 
 
-def _rows(scale=1.0, dtypes=(torch.float32, torch.float64)):
-    """Yield (case, x) over SHAPES × dtypes, entries N(0, scale²)."""
-    for n, shape in enumerate(SHAPES):
+def _rows(scale=1.0, dtypes=(torch.float32, torch.float64), shapes=SHAPES):
+    """Yield (case, x) over shapes × dtypes, entries N(0, scale²)."""
+    for n, shape in enumerate(shapes):
         for dtype in dtypes:
             yield case_name(shape=tuple(shape), dtype=dtype, logits=scale), randn(*shape, seed=n, dtype=dtype, scale=scale)
 
@@ -35,7 +35,7 @@ def _softmax_check(fn, what, xs, blocks=(None,)):
             got = fn(x) if block is None else fn(x, block=block)
             want = fc.safe_softmax(x.double())
             expect_close(what, got, want, case=case + ("" if block is None else f" block={block}"),
-                         dtype=x.dtype, **tolerance(x.dtype))
+                         dtype=x.dtype, dtype_hint=KEEP_DTYPE, **tolerance(x.dtype))
 
 
 @CHECKS.add("safe_softmax", "small logits, float32 and float64", hint="exp(x − max x) / Σ exp(x − max x), over dim=-1")
@@ -54,43 +54,60 @@ def _(m):
     _softmax_check(m.safe_softmax, "safe_softmax(x) vs flashcourse.safe_softmax", [("4×23 with −inf", _masked_rows())])
 
 
-@CHECKS.add("safe_softmax", "float16", hint="keep the dtype of x: no .double() or .float() on the way out")
+@CHECKS.add("safe_softmax", "float16 and bfloat16", hint=KEEP_DTYPE)
 def _(m):
-    _softmax_check(m.safe_softmax, "safe_softmax(x) vs flashcourse.safe_softmax", _rows(scale=3.0, dtypes=(torch.float16,)))
+    _softmax_check(m.safe_softmax, "safe_softmax(x) vs flashcourse.safe_softmax",
+                   _rows(scale=3.0, dtypes=(torch.float16, torch.bfloat16)))
 
 
-@CHECKS.add("online_softmax", "N a multiple of the block, and not", points=2,
-            hint="visit blocks x[..., start:start + block] for start in range(0, N, block); the last one may be shorter")
-def _(m):
-    _softmax_check(m.online_softmax, "online_softmax(x) vs flashcourse.safe_softmax", _rows(), blocks=(1, 5, 16, 128))
-
-
-@CHECKS.add("online_softmax", "large logits: the running sum is rescaled", points=2,
+@CHECKS.add("online_softmax", "several blocks (N a multiple of the block)", points=2,
             hint="when the max grows from m to m_new, the old sum must be multiplied by exp(m − m_new)")
 def _(m):
-    # increasing logits: the max changes in every block, so a sum that is not rescaled is far off
-    ramp = torch.linspace(0, 50, 40, dtype=torch.float64).repeat(3, 1) + randn(3, 40, seed=3, dtype=torch.float64)
-    xs = list(_rows(scale=30.0)) + [("rising logits 3×40 float64", ramp)]
+    # the max changes from block to block, so a running sum that is not rescaled is far off
+    ramp = torch.linspace(0, 50, 48, dtype=torch.float64).repeat(3, 1) + randn(3, 48, seed=3, dtype=torch.float64)
+    xs = list(_rows(scale=5.0, shapes=[(3, 64), (2, 4, 32)], dtypes=(torch.float32, torch.float64, torch.float16)))
+    xs += list(_rows(scale=30.0, shapes=[(3, 64)])) + [("rising logits 3×48 float64", ramp)]
     _softmax_check(m.online_softmax, "online_softmax(x) vs flashcourse.safe_softmax", xs, blocks=(4, 16))
 
 
-@CHECKS.add("online_softmax", "one pass over blocks: no max or sum over a whole row",
-            hint="reduce one block x[..., start:start + block] at a time and merge it into the running (m, l)")
+@CHECKS.add("online_softmax", "N not a multiple of the block", points=2,
+            hint="visit blocks x[..., start:start + block] for start in range(0, N, block); the last one is shorter")
 def _(m):
-    x = randn(3, 100, seed=11)
-    reductions = {"amax", "max", "sum", "logsumexp", "softmax", "log_softmax", "_softmax"}
-    whole_row = lambda name, args, out: (name in reductions and bool(args) and isinstance(args[0], torch.Tensor)  # noqa: E731
-                                         and args[0].shape[-1] == x.shape[-1])
-    with Watch(whole_row) as watch:
-        m.online_softmax(x, block=16)
-    expect(watch.culprit is None, f"online_softmax(x, block=16) reduced a whole row of {x.shape[-1]} with "
-                                  f"torch.{watch.culprit}: gather (m, l) block by block instead")
+    _softmax_check(m.online_softmax, "online_softmax(x) vs flashcourse.safe_softmax", _rows(scale=5.0),
+                   blocks=(1, 5, 16, 128))
+
+
+@CHECKS.add("online_softmax", "one pass: each block's max, then its exponentials, block after block",
+            hint="in one loop over blocks: m_new = max(m, max x_b), rescale l by exp(m − m_new), "
+                 "add Σ exp(x_b − m_new); only the final normalisation reads x again")
+def _(m):
+    x, block = randn(3, 100, seed=11, scale=5.0), 16
+    got, seen = m.online_softmax.watch("one_pass", x=0, block=block)(x, block=block)
+    what = f"online_softmax(x, block={block}) on x of shape (3, 100)"
+    v = seen.get("violation")
+    if v and v.get("rule") == "whole":
+        lo, hi = v.get("columns", [0, 0])
+        raise CheckFailed(f"{what} reduced columns {lo}..{hi - 1} of x at once (torch.{v.get('op')}): every max "
+                          f"and sum must stay inside one block of {block} columns",
+                          "reduce x[..., start:start + block] only, and merge it into the running (m, l)")
+    if v:
+        lo, hi = v.get("columns", [0, 0])
+        p0, p1 = v.get("pending", [0, 0])
+        raise CheckFailed(f"{what} took the max of columns {lo}..{hi - 1} before the exponentials of columns "
+                          f"{p0}..{p1 - 1}: that is two passes over x, not one")
+    _softmax_check(lambda x, block: got, "online_softmax(x) vs flashcourse.safe_softmax", [("3×100", x)], blocks=(block,))
 
 
 @CHECKS.add("online_softmax", "masked entries, a row of all −inf", hint="while m is still −inf, subtract 0 instead of m (no NaN)")
 def _(m):
     _softmax_check(m.online_softmax, "online_softmax(x) vs flashcourse.safe_softmax", [("4×23 with −inf", _masked_rows())],
                    blocks=(3, 8))
+
+
+@CHECKS.driver
+def merge(module, a, b):
+    """Worker side: the learner's merge_states on two SoftmaxStates (they travel as plain tuples)."""
+    return module.merge_states(SoftmaxState(*a), SoftmaxState(*b))
 
 
 def _states(n, d, cut, seed, scale=10.0):
@@ -103,7 +120,8 @@ def _states(n, d, cut, seed, scale=10.0):
 
 def _expect_state(got, want, case):
     expect(isinstance(got, tuple) and len(got) == 3,
-           f"merge_states must return SoftmaxState(m, l, o), got {type(got).__name__} [{case}]")
+           f"merge_states must return SoftmaxState(m, l, o), got {type(got).__name__} [{case}]",
+           "return SoftmaxState(m, l, o)")
     expect_close("m of merge_states(a, b) vs flashcourse.merge_states", got[0], want.m, atol=1e-12, case=case)
     expect_close("l of merge_states(a, b) vs flashcourse.merge_states", got[1], want.l, atol=1e-9, rtol=1e-9, case=case)
     if want.o is None:
@@ -117,8 +135,8 @@ def _(m):
     for n, cut, seed in [(10, 4, 0), (33, 1, 1), (64, 40, 2)]:
         a, b, whole = _states(n, 0, cut, seed)
         case = f"3 rows, slices [0:{cut}] and [{cut}:{n}]"
-        _expect_state(m.merge_states(a, b), fc.merge_states(a, b), case)
-        _expect_state(m.merge_states(b, a), whole, case + ", merged b with a")
+        _expect_state(m.run("merge", a, b), fc.merge_states(a, b), case)
+        _expect_state(m.run("merge", b, a), whole, case + ", merged b with a")
 
 
 @CHECKS.add("merge_states", "o rescaled with l", points=2, hint="o = α o_a + β o_b with α = exp(m_a − m)[..., None]")
@@ -126,8 +144,8 @@ def _(m):
     for n, d, cut, seed in [(10, 4, 4, 3), (47, 8, 30, 4)]:
         a, b, whole = _states(n, d, cut, seed)
         case = f"3 rows, d={d}, slices [0:{cut}] and [{cut}:{n}]"
-        _expect_state(m.merge_states(a, b), fc.merge_states(a, b), case)
-        got = m.merge_states(a, b)
+        got = m.run("merge", a, b)
+        _expect_state(got, fc.merge_states(a, b), case)
         O, _ = finalize(whole)
         expect_close("o / l of merge_states(a, b) vs softmax(s) v", got[2] / got[1][..., None], O, atol=1e-9, case=case)
 
@@ -136,5 +154,5 @@ def _(m):
 def _(m):
     a, _, _ = _states(12, 4, 12, 5)
     empty = empty_state((3,), d=4, dtype=torch.float64)
-    _expect_state(m.merge_states(empty, a), a, "empty with a state")
-    _expect_state(m.merge_states(empty, empty), empty, "empty with empty")
+    _expect_state(m.run("merge", empty, a), a, "empty with a state")
+    _expect_state(m.run("merge", empty, empty), empty, "empty with empty")

@@ -3,9 +3,10 @@
 import torch
 
 from ..framework import ChapterChecks, qkv
-from ._common import check_forward, expect_tiled
+from ._common import (EXPLICIT_SCALE, ROLES, SCALE_HINT, TILED, check_forward, expect_tiles, large_logit_cases,
+                      oracle, expect_output)
 
-CHECKS = ChapterChecks("ch03")
+CHECKS = ChapterChecks("ch03", file="ch03_tiling", notebook="03_tiling")
 
 
 def _check(m, **kwargs):
@@ -17,6 +18,20 @@ def _check(m, **kwargs):
                  "rescale O_i by α before adding P̃_ij V_j")
 def _(m):
     _check(m, causal_options=(False,))
+
+
+@CHECKS.add("tiled_attention_forward", "tile by tile: no score tensor beyond one block_m × block_n tile",
+            hint="compute S_ij = scale · Q_i K_jᵀ inside both loops, for one (block_m, block_n) tile at a time")
+def _(m):
+    T = TILED
+    q, k, v = qkv(T["B"], T["H"], T["Nq"], T["Nk"], T["d"], seed=5)
+    blocks = {"block_m": T["block_m"], "block_n": T["block_n"]}
+    call = m.tiled_attention_forward.watch("tiles", roles=ROLES, Nq=T["Nq"], Nk=T["Nk"], **blocks)
+    got, seen = call(q, k, v, causal=False, **blocks)
+    expect_tiles("tiled_attention_forward", seen)
+    want, _ = oracle(q, k, v, False)
+    expect_output("O vs flashcourse", got[0] if isinstance(got, tuple) else got, want, q.dtype,
+                  "B=1 H=2 Nq=70 Nk=45 d=16 block_m=12 block_n=7")
 
 
 @CHECKS.add("tiled_attention_forward", "O, causal (Nq == Nk, Nq < Nk, Nq > Nk)", points=2,
@@ -38,14 +53,13 @@ def _(m):
         _check(m, lse=True, blocks=blocks, shapes=[(1, 2, 19, 27, 8), (1, 1, 21, 13, 8)])
 
 
-@CHECKS.add("tiled_attention_forward", "float16 inputs",
+@CHECKS.add("tiled_attention_forward", "explicit scale", hint=SCALE_HINT)
+def _(m):
+    _check(m, lse=True, scale=EXPLICIT_SCALE, shapes=[(1, 2, 19, 23, 16)])
+
+
+@CHECKS.add("tiled_attention_forward", "float16 and bfloat16, and float16 at large logits",
             hint="compute in float32 (q.float()); return O in q's dtype, L in float32")
 def _(m):
-    _check(m, lse=True, dtypes=(torch.float16,), shapes=[(1, 2, 33, 40, 16)])
-
-
-@CHECKS.add("tiled_attention_forward", "tile by tile: never the whole Nq × Nk score matrix",
-            hint="compute S_ij = scale · Q_i K_jᵀ inside the loops, for one (block_m, block_n) tile at a time")
-def _(m):
-    q, k, v = qkv(1, 2, 70, 45, 16, seed=5)
-    expect_tiled("tiled_attention_forward", lambda: m.tiled_attention_forward(q, k, v), 70, 45)
+    _check(m, lse=True, dtypes=(torch.float16, torch.bfloat16), shapes=[(1, 2, 33, 40, 16)])
+    _check(m, lse=True, blocks={"block_m": 64, "block_n": 64}, cases=large_logit_cases(causal_options=(True,)))

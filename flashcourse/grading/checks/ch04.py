@@ -1,31 +1,44 @@
-"""Chapter 04: vector add, row softmax and a tiled matmul in Triton, against torch."""
+"""Chapter 04: vector add, row softmax and a tiled matmul in Triton, against torch.
+
+On the CPU every input ends right before a page that cannot be read, so a load without the right
+mask crashes (reported as "read past the end of x"); on a GPU the inputs are followed by NaN.
+"""
 
 import torch
 
 from ..framework import ChapterChecks, case_name, expect_close, randn, tolerance
-from ._common import device
+from ._common import device, kernel_dtypes, transposed
 
-CHECKS = ChapterChecks("ch04")
+CHECKS = ChapterChecks("ch04", file="ch04_triton_primer", notebook="04_triton_primer")
+MASK_HINT = "mask = offs < n, passed to both tl.load and tl.store: the last program runs past n"
 
 
 def _t(*shape, seed, dtype=torch.float32, scale=1.0):
     return randn(*shape, seed=seed, dtype=dtype, scale=scale).to(device())
 
 
+def _add_check(m, sizes, dtype=torch.float32):
+    for n, block in sizes:
+        x, y = _t(n, seed=n, dtype=dtype), _t(n, seed=n + 1, dtype=dtype)
+        got = m.add(x, y) if block is None else m.add(x, y, BLOCK=block)
+        expect_close("add(x, y) vs x + y", got, x + y, atol=0, case=case_name(n=n, BLOCK=block or 64, dtype=dtype),
+                     dtype=dtype)
+
+
 @CHECKS.add("add_kernel", "n a multiple of BLOCK", hint="offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)")
 def _(m):
-    for n in (64, 256):
-        x, y = _t(n, seed=n), _t(n, seed=n + 1)
-        expect_close("add(x, y) vs x + y", m.add(x, y), x + y, atol=0, case=f"n={n} BLOCK=64", dtype=x.dtype)
+    _add_check(m, [(64, None), (256, None)])
 
 
-@CHECKS.add("add_kernel", "n not a multiple of BLOCK", points=2,
-            hint="mask = offs < n, passed to both tl.load and tl.store: the last program runs past n")
+@CHECKS.add("add_kernel", "n not a multiple of BLOCK", points=2, hint=MASK_HINT)
 def _(m):
-    for n, block in ((1, 64), (100, 64), (1000, 128), (77, 16)):
-        x, y = _t(n, seed=n), _t(n, seed=n + 1)
-        expect_close("add(x, y) vs x + y", m.add(x, y, BLOCK=block), x + y, atol=0, case=f"n={n} BLOCK={block}",
-                     dtype=x.dtype)
+    _add_check(m, [(1, 64), (100, 64), (1000, 128), (77, 16)])
+
+
+@CHECKS.add("add_kernel", "float16 (and bfloat16 on a GPU)", hint="tl.load keeps the dtype of the pointer: no cast is needed")
+def _(m):
+    for dtype in kernel_dtypes()[1:]:
+        _add_check(m, [(100, 64)], dtype)
 
 
 def _softmax_check(m, shapes, dtype=torch.float32, scale=1.0):
@@ -43,24 +56,26 @@ def _(m):
 
 
 @CHECKS.add("softmax_kernel", "rows not a power of two", points=2,
-            hint="load the padded columns with other=float('-inf') so that they add exp(−inf) = 0 to the sum")
+            hint="mask = cols < n_cols; load the padded columns with other=float('-inf') so that they add "
+                 "exp(−inf) = 0 to the sum")
 def _(m):
     _softmax_check(m, [(5, 1), (3, 37), (2, 100)])
 
 
-@CHECKS.add("softmax_kernel", "large logits and float16",
+@CHECKS.add("softmax_kernel", "large logits, float16 (and bfloat16 on a GPU)",
             hint="subtract the row max; compute in float32 and store in out's dtype")
 def _(m):
     _softmax_check(m, [(3, 37)], scale=1000.0)
-    _softmax_check(m, [(3, 37)], dtype=torch.float16, scale=3.0)
+    for dtype in kernel_dtypes()[1:]:
+        _softmax_check(m, [(3, 37)], dtype=dtype, scale=3.0)
 
 
-def _matmul_check(m, shapes, dtype=torch.float32, transpose_b=False):
+def _matmul_check(m, shapes, dtype=torch.float32, layout=""):
     for n, (M, K, N) in enumerate(shapes):
-        a = _t(M, K, seed=n, dtype=dtype)
-        b = _t(N, K, seed=n + 1, dtype=dtype).t() if transpose_b else _t(K, N, seed=n + 1, dtype=dtype)
+        a, b = _t(M, K, seed=n, dtype=dtype), _t(K, N, seed=n + 1, dtype=dtype)
+        a, b = (transposed(a) if "a" in layout else a), (transposed(b) if "b" in layout else b)
         want = a.double() @ b.double()
-        case = case_name(M=M, K=K, N=N, dtype=dtype) + (" b=transposed view" if transpose_b else "")
+        case = case_name(M=M, K=K, N=N, dtype=dtype) + "".join(f" {x}=transposed view" for x in layout)
         # float32 dots may run as TF32 on a GPU: a tolerance that still catches any real bug
         expect_close("matmul(a, b) vs a @ b", m.matmul(a, b), want, atol=2e-2, rtol=1e-2, case=case, dtype=dtype)
 
@@ -72,13 +87,21 @@ def _(m):
 
 
 @CHECKS.add("matmul_kernel", "ragged M, N, K", points=2,
-            hint="mask each load on both dims with other=0.0, and the store on (M, N)")
+            hint="mask each load on both of its dims with other=0.0, and the store on (M, N)")
 def _(m):
     _matmul_check(m, [(1, 5, 7), (37, 20, 33)])
 
 
-@CHECKS.add("matmul_kernel", "strided b and float16",
-            hint="address B with both strides: b_ptr + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn")
+@CHECKS.add("matmul_kernel", "strided a and b (transposed views)",
+            hint="address both operands with both strides: a_ptr + offs_m[:, None] * stride_am + "
+                 "offs_k[None, :] * stride_ak, and likewise b with stride_bk, stride_bn")
 def _(m):
-    _matmul_check(m, [(20, 24, 18)], transpose_b=True)
-    _matmul_check(m, [(20, 24, 18)], dtype=torch.float16)
+    _matmul_check(m, [(20, 24, 18)], layout="a")
+    _matmul_check(m, [(20, 24, 18)], layout="b")
+    _matmul_check(m, [(33, 17, 9)], layout="ab")
+
+
+@CHECKS.add("matmul_kernel", "float16 (and bfloat16 on a GPU)", hint="accumulate in float32; store in c's dtype")
+def _(m):
+    for dtype in kernel_dtypes()[1:]:
+        _matmul_check(m, [(20, 24, 18)], dtype=dtype)

@@ -4,24 +4,26 @@ flashcourse.naive_attention_backward in float64."""
 import torch
 
 from ..framework import ChapterChecks, expect_close, qkv, randn, tolerance
-from ._common import attention_cases, backward_case, expect_grads, expect_tiled
+from ._common import (EXPLICIT_SCALE, ROLES, SCALE_HINT, TILED, attention_cases, backward_case, expect_grads,
+                      expect_tiles, large_logit_cases)
 
-CHECKS = ChapterChecks("ch06")
+CHECKS = ChapterChecks("ch06", file="ch06_backward", notebook="06_backward_math")
 
 
-@CHECKS.add("backward_delta", "D = rowsum(dO ∘ O), float32 and float16",
+@CHECKS.add("backward_delta", "D = rowsum(dO ∘ O), float32, float16 and bfloat16",
             hint="(do.float() * o.float()).sum(dim=-1): one float32 number per query row")
 def _(m):
-    for dtype in (torch.float32, torch.float16):
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
         o, do = randn(2, 3, 21, 16, seed=1, dtype=dtype), randn(2, 3, 21, 16, seed=2, dtype=dtype)
         want = (o.double() * do.double()).sum(dim=-1)
         expect_close("backward_delta(o, do) vs rowsum(dO ∘ O)", m.backward_delta(o, do), want, case=str(dtype),
-                     dtype=torch.float32, **tolerance(torch.float32))
+                     dtype=torch.float32, dtype_hint="return D in float32 whatever the dtype of o and do",
+                     **tolerance(torch.float32))
 
 
-def _grad_check(m, fn: str, tiled: bool, scale=None, blocks=None, **cases):
+def _grad_check(m, fn: str, tiled: bool, scale=None, blocks=None, cases=None, **case_options):
     blocks = blocks or {}
-    for case, q, k, v, causal in attention_cases(**cases):
+    for case, q, k, v, causal in cases if cases is not None else attention_cases(**case_options):
         o, lse, do, want = backward_case(q, k, v, causal, scale)
         args = (q, k, v, o, lse, do) if tiled else (q, k, v, o, do)
         kwargs = {"causal": causal, **({} if scale is None else {"scale": scale}), **blocks}
@@ -35,11 +37,21 @@ def _(m):
     _grad_check(m, "naive_backward", False, causal_options=(False,))
 
 
-@CHECKS.add("naive_backward", "causal, and an explicit scale",
-            hint="mask S before the softmax (rows with no key: P = 0); the scale goes into S and into dQ, dK once")
+@CHECKS.add("naive_backward", "causal", hint="mask S before the softmax (rows with no key: P = 0)")
 def _(m):
     _grad_check(m, "naive_backward", False, causal_options=(True,))
-    _grad_check(m, "naive_backward", False, scale=0.3, shapes=[(1, 2, 19, 23, 16)])
+
+
+@CHECKS.add("naive_backward", "explicit scale", hint=SCALE_HINT + "; the scale goes into S and into dQ, dK, not dV")
+def _(m):
+    _grad_check(m, "naive_backward", False, scale=EXPLICIT_SCALE, shapes=[(1, 2, 19, 23, 16)])
+
+
+@CHECKS.add("naive_backward", "float16 and bfloat16, and float16 at large logits",
+            hint="compute in float32; return dq like q and dk, dv like k, v (their dtype)")
+def _(m):
+    _grad_check(m, "naive_backward", False, dtypes=(torch.float16, torch.bfloat16), shapes=[(1, 2, 33, 40, 16)])
+    _grad_check(m, "naive_backward", False, cases=large_logit_cases(causal_options=(True,)))
 
 
 @CHECKS.add("tiled_backward", "not causal, lengths not multiples of the blocks", points=2,
@@ -48,23 +60,35 @@ def _(m):
     _grad_check(m, "tiled_backward", True, causal_options=(False,))
 
 
+@CHECKS.add("tiled_backward", "tile by tile: no score tensor beyond one block_m × block_n tile",
+            hint="recompute P_ij, dP_ij and dS_ij inside both loops, for one (block_m, block_n) tile at a time")
+def _(m):
+    T = TILED
+    q, k, v = qkv(T["B"], T["H"], T["Nq"], T["Nk"], T["d"], seed=5)
+    o, lse, do, want = backward_case(q, k, v, False)
+    blocks = {"block_m": T["block_m"], "block_n": T["block_n"]}
+    call = m.tiled_backward.watch("tiles", roles=ROLES, Nq=T["Nq"], Nk=T["Nk"], **blocks)
+    got, seen = call(q, k, v, o, lse, do, causal=False, **blocks)
+    expect_tiles("tiled_backward", seen)
+    expect_grads("tiled_backward(...)", got, want, (q, k, v), "B=1 H=2 Nq=70 Nk=45 d=16 block_m=12 block_n=7")
+
+
 @CHECKS.add("tiled_backward", "causal (Nq == Nk, Nq < Nk, Nq > Nk)", points=2,
             hint="mask S_ij with absolute positions (j0 + c > i0 + r + Nk − Nq); where L_i = −inf subtract 0 instead")
 def _(m):
     _grad_check(m, "tiled_backward", True, causal_options=(True,))
 
 
-@CHECKS.add("tiled_backward", "other blocks, explicit scale, float16",
-            hint="use block_m for the query blocks and block_n for the key blocks; compute in float32, cast at the end")
+@CHECKS.add("tiled_backward", "other blocks, explicit scale",
+            hint="use block_m for the query blocks and block_n for the key blocks; " + SCALE_HINT)
 def _(m):
     _grad_check(m, "tiled_backward", True, blocks={"block_m": 8, "block_n": 5}, shapes=[(1, 2, 19, 27, 8)])
-    _grad_check(m, "tiled_backward", True, scale=0.3, shapes=[(1, 1, 21, 13, 8)])
-    _grad_check(m, "tiled_backward", True, dtypes=(torch.float16,), shapes=[(1, 2, 33, 40, 16)])
+    _grad_check(m, "tiled_backward", True, scale=EXPLICIT_SCALE, shapes=[(1, 1, 21, 13, 8)])
 
 
-@CHECKS.add("tiled_backward", "tile by tile: never the whole Nq × Nk matrix",
-            hint="recompute P_ij, dP_ij and dS_ij inside the loops, for one (block_m, block_n) tile at a time")
+@CHECKS.add("tiled_backward", "float16 and bfloat16, and float16 at large logits",
+            hint="compute in float32, cast at the end: dq like q, dk like k, dv like v")
 def _(m):
-    q, k, v = qkv(1, 2, 70, 45, 16, seed=5)
-    o, lse, do, _ = backward_case(q, k, v, False)
-    expect_tiled("tiled_backward", lambda: m.tiled_backward(q, k, v, o, lse, do), 70, 45)
+    _grad_check(m, "tiled_backward", True, dtypes=(torch.float16, torch.bfloat16), shapes=[(1, 2, 33, 40, 16)])
+    _grad_check(m, "tiled_backward", True, blocks={"block_m": 64, "block_n": 64},
+                cases=large_logit_cases(causal_options=(True,)))

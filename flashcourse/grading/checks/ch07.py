@@ -3,24 +3,26 @@
 import torch
 
 from ..framework import ChapterChecks, expect, expect_close, tolerance
-from ._common import attention_cases, backward_case, device
+from ._common import (EXPLICIT_SCALE, KEYS, QUERIES, SCALE_HINT, attention_cases, backward_case, device, kernel_dtypes,
+                      large_logit_cases)
 from .ch05 import SHAPES
 
-CHECKS = ChapterChecks("ch07")
+CHECKS = ChapterChecks("ch07", file="ch07_triton_backward", notebook="07_triton_backward")
 
 
-def _check(m, which: str, blocks=None, **cases):
+def _check(m, which: str, blocks=None, scale=None, cases=None, **case_options):
     """which: 'dkdv' compares (dk, dv) of backward_dkdv, 'dq' the dq of backward_dq."""
-    blocks = blocks or {}
-    for case, q, k, v, causal in attention_cases(on=device(), **{"shapes": SHAPES, **cases}):
-        o, lse, do, (dq, dk, dv) = backward_case(q, k, v, causal)
-        case += "".join(f" {name}={b}" for name, b in blocks.items())
+    extra = {**({} if scale is None else {"scale": scale}), **(blocks or {})}
+    cases = cases if cases is not None else attention_cases(on=device(), **{"shapes": SHAPES, **case_options})
+    for case, q, k, v, causal in cases:
+        o, lse, do, (dq, dk, dv) = backward_case(q, k, v, causal, scale)
+        case += "".join(f" {name}={b}" for name, b in extra.items())
         if which == "dkdv":
-            got = m.backward_dkdv(q, k, v, o, lse, do, causal=causal, **blocks)
+            got = m.backward_dkdv(q, k, v, o, lse, do, causal=causal, **extra)
             expect(isinstance(got, tuple) and len(got) == 2, f"backward_dkdv must return (dk, dv) [{case}]")
             pairs = [("dk", got[0], dk), ("dv", got[1], dv)]
         else:
-            pairs = [("dq", m.backward_dq(q, k, v, o, lse, do, causal=causal, **blocks), dq)]
+            pairs = [("dq", m.backward_dq(q, k, v, o, lse, do, causal=causal, **extra), dq)]
         for name, g, w in pairs:
             expect_close(f"{name} vs flashcourse.naive_attention_backward", g, w, case=case,
                          dtype=q.dtype, **tolerance(q.dtype, kernel=True))
@@ -51,15 +53,27 @@ def _(m):
     _check(m, "dq", causal_options=(True,))
 
 
-@CHECKS.add("dkdv_kernel", "float16, other block sizes",
+@CHECKS.add("dkdv_kernel", "explicit scale", hint=SCALE_HINT + ": S_ij uses it, and dK once at the end")
+def _(m):
+    _check(m, "dkdv", scale=EXPLICIT_SCALE, shapes=[(1, 2, 19, 23, 16)])
+
+
+@CHECKS.add("dq_kernel", "explicit scale", hint=SCALE_HINT + ": S_ij uses it, and dQ once at the end")
+def _(m):
+    _check(m, "dq", scale=EXPLICIT_SCALE, shapes=[(1, 2, 19, 23, 16)])
+
+
+@CHECKS.add("dkdv_kernel", "float16 (bfloat16 on a GPU), other block sizes, large logits (1024 queries, d = 128)",
             hint="cast P and dS to the inputs' dtype before tl.dot; use BLOCK_M/BLOCK_N as given")
 def _(m):
-    _check(m, "dkdv", dtypes=(torch.float16,), shapes=[(1, 2, 33, 40, 16)])
+    _check(m, "dkdv", dtypes=kernel_dtypes()[1:], shapes=[(1, 2, 33, 40, 16)])
     _check(m, "dkdv", blocks={"BLOCK_M": 32, "BLOCK_N": 16}, shapes=[(1, 1, 45, 29, 16)])
+    _check(m, "dkdv", blocks={"BLOCK_M": 64, "BLOCK_N": 64}, cases=large_logit_cases(QUERIES, on=device()))
 
 
-@CHECKS.add("dq_kernel", "float16, other block sizes",
+@CHECKS.add("dq_kernel", "float16 (bfloat16 on a GPU), other block sizes, large logits (1024 keys, d = 128)",
             hint="cast dS to k's dtype before tl.dot; use BLOCK_M/BLOCK_N as given")
 def _(m):
-    _check(m, "dq", dtypes=(torch.float16,), shapes=[(1, 2, 33, 40, 16)])
+    _check(m, "dq", dtypes=kernel_dtypes()[1:], shapes=[(1, 2, 33, 40, 16)])
     _check(m, "dq", blocks={"BLOCK_M": 32, "BLOCK_N": 16}, shapes=[(1, 1, 45, 29, 16)])
+    _check(m, "dq", blocks={"BLOCK_M": 64, "BLOCK_N": 64}, cases=large_logit_cases(KEYS, on=device(), causal_options=(True,)))

@@ -1,14 +1,20 @@
-"""Chapter 08: splitting and merging heads, and the multi-head attention module, against
-flashcourse.MultiHeadAttention (naive backend, float64) with the same weights."""
+"""Chapter 08: splitting and merging heads, and the multi-head attention module.
+
+The module is built in the worker with the grader's weights, and its ``self.attention`` is swapped
+for an attention of another scale (``ROUTED_SCALE``) that counts its calls: the output must be the
+one that attention gives, so a module that computes attention some other way (e.g. with PyTorch's
+SDPA) loses. The oracle (float64, here) uses the same weights and scale: multi-head attention as
+flashcourse.MultiHeadAttention computes it.
+"""
+
+import math
 
 import torch
 
-import flashcourse as fc
-
 from ..framework import ChapterChecks, CheckFailed, expect, expect_close, randn, tolerance
-from ._common import device
 
-CHECKS = ChapterChecks("ch08")
+CHECKS = ChapterChecks("ch08", file="ch08_module", notebook="08_transformer")
+ROUTED_SCALE = 0.5
 
 
 @CHECKS.add("split_heads", "(B, N, H·d) -> (B, H, N, d)", hint="x.view(B, N, H, d).transpose(1, 2)")
@@ -26,32 +32,84 @@ def _(m):
                  case="o (2, 3, 7, 4)", dtype=o.dtype)
 
 
+def _attend(q, k, v, causal: bool, scale: float):
+    """Attention with grouped heads, in plain torch (the swapped-in self.attention and the oracle)."""
+    H, Nq, Nk = q.shape[1], q.shape[2], k.shape[2]
+    k, v = (t.repeat_interleave(H // t.shape[1], dim=1) for t in (k, v))
+    S = scale * (q @ k.transpose(-2, -1))
+    if causal:
+        S = S.masked_fill(torch.arange(Nk) > torch.arange(Nq)[:, None] + (Nk - Nq), float("-inf"))
+    return torch.softmax(S, dim=-1).nan_to_num(0.0) @ v
+
+
+@CHECKS.driver
+def mha(module, weights, x, g, *, E, H, Hkv, causal):
+    """Worker side: build the learner's module with the grader's weights, route self.attention, run it."""
+    mine = module.MultiHeadAttention(E, H, num_kv_heads=Hkv, causal=causal).to(x.device)
+    try:
+        mine.load_state_dict(weights)
+    except RuntimeError as e:
+        return {"error": str(e).splitlines()[0][:300]}
+    calls = []
+
+    def attention(q, k, v, *, causal=False, **_):
+        calls.append(bool(causal))
+        return _attend(q, k, v, causal, ROUTED_SCALE)
+
+    mine.attention = attention
+    x = x.clone().requires_grad_(g is not None)
+    y = mine(x)
+    out = {"y": y, "calls": calls}
+    if g is not None and isinstance(y, torch.Tensor):
+        (y * g).sum().backward()
+        out.update(x_grad=x.grad, qkv_grad=mine.qkv_proj.weight.grad)
+    return out
+
+
 def _module_check(m, E, H, Hkv, causal, N=13, B=2, grads=False):
     case = f"B={B} N={N} E={E} H={H} Hkv={Hkv}" + (" causal" if causal else "")
-    torch.manual_seed(0)
-    mine = m.MultiHeadAttention(E, H, num_kv_heads=Hkv, causal=causal).to(device())
-    ref = fc.MultiHeadAttention(E, H, num_kv_heads=Hkv, causal=causal, backend="naive").double()
-    try:
-        ref.load_state_dict({name: p.detach().double().cpu() for name, p in mine.state_dict().items()})
-    except RuntimeError as e:
-        raise CheckFailed(f"the module's parameters must stay qkv_proj and out_proj as given: {e}") from None
-    x = randn(B, N, E, seed=3).to(device()).requires_grad_(grads)
-    x_ref = x.detach().double().cpu().requires_grad_(grads)
-    y, want = mine(x), ref(x_ref)
-    expect(isinstance(y, torch.Tensor), f"forward must return a tensor (B, N, E), got {type(y).__name__} [{case}]")
-    tol = tolerance(torch.float32, kernel=True)
-    expect_close("y = module(x) vs flashcourse.MultiHeadAttention", y, want, case=case, dtype=x.dtype, **tol)
+    d = E // H
+    weights = {"qkv_proj.weight": randn((H + 2 * Hkv) * d, E, seed=5, scale=1 / math.sqrt(E)),
+               "out_proj.weight": randn(E, E, seed=6, scale=1 / math.sqrt(E))}
+    x = randn(B, N, E, seed=3)
+    g = randn(B, N, E, seed=4) if grads else None
+    got = m.run("mha", weights, x, g, E=E, H=H, Hkv=Hkv, causal=causal)
+    expect(isinstance(got, dict), f"the module could not be run [{case}]")
+    expect("error" not in got, f"the module's parameters must stay qkv_proj and out_proj as given: {got.get('error')}")
+    calls = got.get("calls")
+    routed = f"the grader swaps self.attention for an attention of scale {ROUTED_SCALE}"
+    expect(calls != [], f"forward never called self.attention [{case}]",
+           f"compute the attention with self.attention(q, k, v, causal=self.causal) ({routed})")
+    expect(isinstance(calls, list) and len(calls) == 1,
+           f"forward called self.attention {len(calls) if isinstance(calls, list) else '?'} times [{case}]",
+           "one call of self.attention with all the heads at once")
+    expect(calls[0] == causal, f"forward passed causal={calls[0]} to self.attention, expected causal={causal} [{case}]",
+           "pass causal=self.causal to self.attention")
+    # the oracle, in float64 with the same weights and the routed scale
+    W, Wo = (w.double().requires_grad_(grads) for w in weights.values())
+    X = x.double().requires_grad_(grads)
+    q, k, v = (X @ W.T).split([H * d, Hkv * d, Hkv * d], dim=-1)
+    heads = lambda t, n: t.view(B, N, n, d).transpose(1, 2)  # noqa: E731
+    O = _attend(heads(q, H), heads(k, Hkv), heads(v, Hkv), causal, ROUTED_SCALE)
+    want = O.transpose(1, 2).reshape(B, N, E) @ Wo.T
+    tol = tolerance(torch.float32)
+    y = got.get("y")
+    if isinstance(y, torch.Tensor) and y.shape == want.shape and not torch.allclose(y.double(), want, **tol):
+        # a module that ignores self.attention matches the usual scale instead: say so
+        usual = _attend(heads(q, H), heads(k, Hkv), heads(v, Hkv), causal, 1 / math.sqrt(d))
+        if torch.allclose(y.double(), usual.transpose(1, 2).reshape(B, N, E) @ Wo.T, **tol):
+            raise CheckFailed(f"y = module(x) does not use self.attention's result [{case}]",
+                              f"return out_proj(merge_heads(self.attention(...))) ({routed})")
+    expect_close("y = module(x) vs the float64 reference", y, want.detach(), case=case, dtype=x.dtype, **tol)
     if grads:
-        g = randn(B, N, E, seed=4)
-        (y * g.to(y.device)).sum().backward()
         (want * g.double()).sum().backward()
-        expect_close("x.grad vs flashcourse.MultiHeadAttention", x.grad, x_ref.grad, case=case, **tol)
-        expect_close("qkv_proj.weight.grad vs flashcourse.MultiHeadAttention", mine.qkv_proj.weight.grad,
-                     ref.qkv_proj.weight.grad, case=case, **tol)
+        expect_close("x.grad vs the float64 reference", got.get("x_grad"), X.grad, case=case, **tol)
+        expect_close("qkv_proj.weight.grad vs the float64 reference", got.get("qkv_grad"), W.grad,
+                     case=case, **tol)
 
 
 @CHECKS.add("MultiHeadAttention.forward", "one kv head per query head, not causal", points=2,
-            hint="split [Q | K | V] along the last dim, split_heads each, attend, merge_heads, out_proj")
+            hint="split [Q | K | V] along the last dim, split_heads each, self.attention, merge_heads, out_proj")
 def _(m):
     _module_check(m, 32, 4, 4, False)
 
