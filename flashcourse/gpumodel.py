@@ -89,6 +89,7 @@ class Budget(NamedTuple):
 
     shared_bytes: int  # Q_i + num_stages · (K_j + V_j)
     registers: int  # per thread: the tiles' lower bound, or the compiler's count when given
+    spills: bool  # more registers a thread than the GPU gives one: the rest live in local memory
     by_shared: int  # programs per SM that shared memory allows (0: over one program's limit, no launch)
     by_registers: int  # programs per SM that the register file allows
     by_threads: int  # programs per SM that the thread limit allows
@@ -97,10 +98,6 @@ class Budget(NamedTuple):
     def programs_per_sm(self) -> int:
         """The tightest of the three (0: the configuration does not launch)."""
         return min(self.by_shared, self.by_registers, self.by_threads)
-
-    def spills(self, gpu: GPU) -> bool:
-        """More registers a thread than ``gpu`` gives one: the rest live in local memory."""
-        return self.registers > gpu.max_registers_per_thread
 
 
 def kernel_budget(block_m: int, block_n: int, num_warps: int, num_stages: int, *, d: int, bytes_per_element: int = 2,
@@ -116,8 +113,9 @@ def kernel_budget(block_m: int, block_n: int, num_warps: int, num_stages: int, *
     threads = 32 * num_warps
     # every program also takes the system's reserved shared memory
     by_shared = 0 if shared > gpu.shared_per_program else gpu.shared_per_sm // (shared + gpu.reserved_shared_per_program)
+    spills = registers > gpu.max_registers_per_thread
     by_registers = gpu.registers_per_sm // (threads * min(registers, gpu.max_registers_per_thread))
-    return Budget(shared, registers, by_shared, by_registers, gpu.max_threads_per_sm // threads)
+    return Budget(shared, registers, spills, by_shared, by_registers, gpu.max_threads_per_sm // threads)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -171,10 +169,12 @@ def _key_loop(n_blocks: int, load: float, matmul: float, exp: float, stages: int
         # each warpgroup holds B_r / warpgroups rows of the query block: its share of the work
         qk = [_Op("tensor cores", "QKᵀ", j, w, matmul / 2 / warpgroups, (("K_j, V_j", j, 0),)) for j in range(n_blocks)]
         pv = [_Op("tensor cores", "PV", j, w, matmul / 2 / warpgroups, (("exp", j, w),)) for j in range(n_blocks)]
-        if overlap_softmax:  # QKᵀ of block j + 1 is issued before PV of block j
-            tensor = qk[:1] + [op for j in range(n_blocks) for op in (qk[j + 1:j + 2] + pv[j:j + 1])]
-        else:
-            tensor = [op for j in range(n_blocks) for op in (qk[j], pv[j])]
+        tensor = qk[:1] if overlap_softmax else []
+        for j in range(n_blocks):
+            if overlap_softmax:  # QKᵀ of block j + 1 is issued before PV of block j
+                tensor += qk[j + 1:j + 2] + [pv[j]]
+            else:
+                tensor += [qk[j], pv[j]]
         queues += [tensor, [_Op("exp unit", "exp", j, w, exp / warpgroups, (("QKᵀ", j, w),)) for j in range(n_blocks)]]
     return queues
 
@@ -207,11 +207,14 @@ def pipeline_schedule(n_blocks: int, load: float, matmul: float, exp: float, *, 
     progress = [0] * warpgroups  # operations of each warpgroup scheduled so far
     events: List[Event] = []
     while any(i < len(q) for i, q in zip(issued, queues)):
-        # the next operation of every queue whose inputs are done: (start, warpgroup behind, queue)
-        ready = [(max([free[op.unit]] + [done[a] for a in op.after]), op.unit != "loads" and progress[op.warpgroup], k)
-                 for k, op in ((k, q[issued[k]]) for k, q in enumerate(queues) if issued[k] < len(q))
-                 if all(a in done for a in op.after)]
-        start, _, k = min(ready)
+        # the next operation of each queue whose inputs are done: (start, its warpgroup's progress, queue)
+        ready = []
+        for k, q in enumerate(queues):
+            op = q[issued[k]] if issued[k] < len(q) else None
+            if op is not None and all(a in done for a in op.after):
+                start = max([free[op.unit]] + [done[a] for a in op.after])
+                ready.append((start, 0 if op.unit == "loads" else progress[op.warpgroup], k))
+        start, _, k = min(ready)  # the earliest; on a tie, the warpgroup that is behind
         op = queues[k][issued[k]]
         issued[k] += 1
         progress[op.warpgroup] += op.unit != "loads"

@@ -683,8 +683,8 @@ def plot_kernel_budget(shapes: Sequence[tuple], gpu: GPU = H100_SXM):
         two = min(gpu.max_registers_per_thread, gpu.registers_per_sm // (2 * 32 * warps))
         a1.plot([two], [y], "|", color="tab:purple", markersize=14, mew=2.5,
                 label="most a thread may use for two programs per SM" if y == 0 else None)
-        text = f"≥ {b.registers}: " + (f"≤ {b.by_registers} / SM" if not b.spills(gpu) else "spills")
-        a1.text(max(b.registers, two) + 4, y, text, va="center", fontsize=8, color="tab:red" if b.spills(gpu) else "k")
+        text = f"≥ {b.registers}: " + (f"≤ {b.by_registers} / SM" if not b.spills else "spills")
+        a1.text(max(b.registers, two) + 4, y, text, va="center", fontsize=8, color="tab:red" if b.spills else "k")
     a0.axvline(gpu.shared_per_program / KiB, color="tab:red", ls="--", label=f"one program's limit ({gpu.shared_per_program // KiB} KiB)")
     a0.axvline(half_sm / KiB, color="tab:purple", ls=":", label=f"two programs per SM ({half_sm / KiB:.0f} KiB each)")
     a0.set_xlim(0, max(gpu.shared_per_program, max(b.shared_bytes for b in budgets)) / KiB * 1.45)
