@@ -26,8 +26,8 @@ per outer block. With an on-chip memory (SRAM) of M elements:
 Lower bound (FlashAttention-1, Proposition 3): no algorithm computing exact attention achieves
 o(N²d²/M) HBM accesses for all M in the range [d, Nd].
 
-The last section models the chip a kernel's program must fit into (chapter 04): shared memory,
-registers, programs per SM, and the exponential's throughput against the tensor cores'.
+What one program must fit into on the chip, and how its loop is scheduled there, is
+``flashcourse.gpumodel`` (chapters 04 and 09).
 """
 
 import math
@@ -350,63 +350,3 @@ def fa1_paper_comparison(*, causal_skip: bool = False) -> PaperComparison:
              for backward in (False, True)]
     return PaperComparison(*standard, *flash, *FA1_PAPER_MEASURED_GB)
 
-
-# ----------------------------------------------------------------------------------------------------
-# The chip: what one program of a kernel must fit into (chapter 04)
-# ----------------------------------------------------------------------------------------------------
-
-
-class GPU(NamedTuple):
-    """The budgets a launch configuration must fit (NVIDIA's data sheets and tuning guides)."""
-
-    name: str
-    sms: int  # streaming multiprocessors: each runs whole programs (CTAs), several at once if they fit
-    shared_per_sm: int  # bytes of shared memory an SM shares among its programs
-    shared_per_program: int  # bytes one program may use
-    registers_per_sm: int  # 32-bit registers
-    max_registers_per_thread: int  # more than this, and the compiler spills to (slow) local memory
-    max_threads_per_sm: int
-    matmul_tflops: float  # dense fp16/bf16 on the tensor cores
-    exp_tflops: float  # exponentials per second (special-function units), in 10¹²
-    hbm_tb_s: float
-
-
-# H100 SXM5: 989 TFLOP/s of fp16 matmul but only 3.9 TFLOP/s of special functions such as exp
-# (FlashAttention-3 paper, §1); 228 KB of shared memory per SM, 227 KB per program.
-H100_SXM = GPU("H100 SXM", sms=132, shared_per_sm=228 * 1024, shared_per_program=227 * 1024,
-               registers_per_sm=65536, max_registers_per_thread=255, max_threads_per_sm=2048,
-               matmul_tflops=989.0, exp_tflops=3.9, hbm_tb_s=3.35)
-
-
-def forward_shared_bytes(block_m: int, block_n: int, d: int, num_stages: int, bytes_per_element: int = 2) -> int:
-    """Shared memory of one forward program: Q_i, and ``num_stages`` buffers each of K_j and V_j.
-
-    e·d·(B_r + 2·stages·B_c): with more stages, the loads of the next key blocks run ahead of the math.
-    """
-    return bytes_per_element * d * (block_m + 2 * num_stages * block_n)
-
-
-def tile_registers(block_m: int, block_n: int, d: int, num_warps: int) -> int:
-    """32-bit registers per thread that the float32 tiles of a forward program need at least:
-    the accumulator O_i (B_r × d) and the scores S_ij / P_ij (B_r × B_c), spread over 32·num_warps threads.
-    (Addresses, m_i, ℓ_i and temporaries come on top: the compiler reports the real count.)"""
-    return math.ceil(block_m * (d + block_n) / (32 * num_warps))
-
-
-def programs_per_sm(shared_bytes: int, num_warps: int, registers_per_thread: int, gpu: GPU = H100_SXM) -> int:
-    """How many programs of this size one SM can hold at once: the tightest of shared memory,
-    registers and threads (0: the configuration does not fit at all)."""
-    if shared_bytes > gpu.shared_per_program or registers_per_thread > gpu.max_registers_per_thread:
-        return 0
-    threads = 32 * num_warps
-    return min(gpu.shared_per_sm // max(shared_bytes, 1), gpu.registers_per_sm // (threads * registers_per_thread),
-               gpu.max_threads_per_sm // threads)
-
-
-def exp_to_matmul_time(d: int, gpu: GPU = H100_SXM) -> float:
-    """Time of a tile's exponentials over the time of its two matmuls, each unit at its peak.
-
-    Per score: one exp, and 4d FLOPs of matmul (2d for S = QKᵀ, 2d for O += PV):
-    (1 / exp rate) / (4d / matmul rate). On an H100: ≈ 1.0 at d = 64, 0.5 at d = 128.
-    """
-    return gpu.matmul_tflops / (4 * d * gpu.exp_tflops)

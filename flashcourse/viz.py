@@ -15,6 +15,8 @@ from typing import Callable, Dict, List, NamedTuple, Optional, Sequence
 import matplotlib.pyplot as plt
 import torch
 
+from . import gpumodel
+from .gpumodel import GPU, H100_SXM, KiB
 from .softmax import SoftmaxState, block_state, empty_state, finalize, merge_states
 
 GiB = 2**30
@@ -649,146 +651,97 @@ def plot_paper_comparison(comparison):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Chapter 04: the GPU under the kernel
+# Chapters 04 and 09: the GPU under the kernel (the model is flashcourse.gpumodel)
 # ----------------------------------------------------------------------------------------------------
 
 
-def plot_gpu_budget(shapes: Sequence[tuple], gpu=None):
-    """Shared memory of forward-kernel configurations against one program's limit and half an SM.
+def _config_name(d: int, e: int, B_r: int, B_c: int, warps: int, stages: int) -> str:
+    dtype = {2: "fp16", 4: "fp32"}.get(e, f"{8 * e}-bit")
+    return f"d={d} {dtype} · {B_r}×{B_c} · {warps} warps · {stages} stages"
 
-    ``shapes`` are (d, bytes per element, B_r, B_c, num_warps, num_stages); each bar stacks Q_i and the
-    ``num_stages`` buffers of K_j and V_j (``iomodel.forward_shared_bytes``) and names the float32
-    registers a thread needs at least for O_i and S_ij (``iomodel.tile_registers``).
+
+def plot_kernel_budget(shapes: Sequence[tuple], gpu: GPU = H100_SXM):
+    """What forward programs ask of one SM of ``gpu``: shared memory (Q_i and num_stages buffers of K_j
+    and V_j, stacked) and the registers a thread needs at least for the fp32 tiles O_i and S_ij, each
+    against its limit, with the programs per SM each allows (``gpumodel.kernel_budget``).
+
+    ``shapes`` are (d, bytes per element, B_r, B_c, num_warps, num_stages).
     """
-    from . import iomodel
-
-    gpu = gpu or iomodel.H100_SXM
-    KB = 1024
-    fig, ax = plt.subplots(figsize=(10, 0.42 * len(shapes) + 2.2))
-    for y, (d, e, B_r, B_c, warps, stages) in enumerate(shapes):
-        parts = [("Q_i", e * B_r * d, "tab:blue"), (f"{stages} × K_j", e * stages * B_c * d, "tab:orange"),
-                 (f"{stages} × V_j", e * stages * B_c * d, "tab:green")]
+    fig, (a0, a1) = plt.subplots(1, 2, figsize=(13, 0.45 * len(shapes) + 2.4), sharey=True, layout="constrained")
+    budgets = [gpumodel.kernel_budget(B_r, B_c, w, s, d=d, bytes_per_element=e, gpu=gpu) for d, e, B_r, B_c, w, s in shapes]
+    half_sm = (gpu.shared_per_sm - 2 * gpu.reserved_shared_per_program) / 2
+    for y, ((d, e, B_r, B_c, warps, stages), b) in enumerate(zip(shapes, budgets)):
         left = 0
-        for name, size, color in parts:
-            ax.barh(y, size / KB, left=left / KB, color=color, edgecolor="w", label=name.split(" × ")[-1] if y == 0 else None)
+        parts = [("Q_i", B_r, "tab:blue"), (f"{stages} × K_j", stages * B_c, "tab:orange"), (f"{stages} × V_j", stages * B_c, "tab:green")]
+        for name, rows, color in parts:  # rows of d elements of e bytes
+            size = e * rows * d / KiB
+            a0.barh(y, size, left=left, color=color, edgecolor="w", label=name.split(" × ")[-1] if y == 0 else None)
             left += size
-        regs = iomodel.tile_registers(B_r, B_c, d, warps)
-        fits = left <= gpu.shared_per_program
-        ax.text(left / KB + 3, y, f"{left / KB:.0f} KB, ≥ {regs} registers/thread" + ("" if fits else "  ✗ does not fit"),
-                va="center", fontsize=8, color="k" if fits and regs <= gpu.max_registers_per_thread else "tab:red")
-    ax.axvline(gpu.shared_per_program / KB, color="tab:red", ls="--", label=f"one program's limit ({gpu.shared_per_program // KB} KB)")
-    ax.axvline(gpu.shared_per_sm / 2 / KB, color="gray", ls=":", label=f"two programs per SM ({gpu.shared_per_sm // 2 // KB} KB each)")
-    ax.set_yticks(range(len(shapes)), [f"d={d} {'fp16' if e == 2 else 'fp32'}: {B_r}×{B_c}, {w} warps, {s} stages"
-                                       for d, e, B_r, B_c, w, s in shapes], fontsize=8)
-    ax.invert_yaxis()
-    ax.set_xlim(0, max(gpu.shared_per_program, max(e * d * (bm + 2 * s * bn) for d, e, bm, bn, _, s in shapes)) / KB * 1.75)
-    _style(ax, "shared memory of one program (KB)", "forward configuration",
-           f"{gpu.name}: Q_i + num_stages · (K_j + V_j) must fit in {gpu.shared_per_program // KB} KB")
-    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=5)
-    fig.tight_layout()
+        text = f"{left:.0f} KiB: " + (f"{b.by_shared} / SM" if b.by_shared else "✗ does not launch")
+        a0.text(left + 3, y, text, va="center", fontsize=8, color="k" if b.by_shared else "tab:red")
+        a1.barh(y, b.registers, color="tab:cyan")
+        two = min(gpu.max_registers_per_thread, gpu.registers_per_sm // (2 * 32 * warps))
+        a1.plot([two], [y], "|", color="tab:purple", markersize=14, mew=2.5,
+                label="most a thread may use for two programs per SM" if y == 0 else None)
+        text = f"≥ {b.registers}: " + (f"≤ {b.by_registers} / SM" if not b.spills else "spills")
+        a1.text(max(b.registers, two) + 4, y, text, va="center", fontsize=8, color="tab:red" if b.spills else "k")
+    a0.axvline(gpu.shared_per_program / KiB, color="tab:red", ls="--", label=f"one program's limit ({gpu.shared_per_program // KiB} KiB)")
+    a0.axvline(half_sm / KiB, color="tab:purple", ls=":", label=f"two programs per SM ({half_sm / KiB:.0f} KiB each)")
+    a0.set_xlim(0, max(gpu.shared_per_program, max(b.shared_bytes for b in budgets)) / KiB * 1.45)
+    a0.set_yticks(range(len(shapes)), [_config_name(*s) for s in shapes], fontsize=8)
+    a0.invert_yaxis()
+    _style(a0, "shared memory of one program (KiB)", "forward configuration",
+           f"Q_i + num_stages · (K_j + V_j) ≤ {gpu.shared_per_program // KiB} KiB\n(right of a bar: the programs per SM it allows)")
+    a1.axvline(gpu.max_registers_per_thread, color="tab:red", ls="--", label=f"a thread's limit ({gpu.max_registers_per_thread})")
+    a1.set_xlim(0, gpu.max_registers_per_thread * 1.45)
+    _style(a1, "32-bit registers a thread (at least)", "",
+           "fp32 tiles O_i (B_r × d) and S_ij (B_r × B_c) alone\n(right of a bar: the programs per SM they allow)")
+    handles = {label: h for ax in (a0, a1) for h, label in zip(*ax.get_legend_handles_labels())}
+    fig.legend(handles.values(), handles.keys(), loc="outside lower center", ncol=3, fontsize=8)
+    fig.suptitle(f"What one forward program asks of an {gpu.name} SM ({gpu.registers_per_sm // 1024} Ki registers, "
+                 f"{gpu.shared_per_sm // KiB} KiB shared memory, {gpu.max_threads_per_sm} threads)", fontsize=10)
     return fig
 
 
-def _ping_pong(tasks: Dict[str, List[tuple]], start: float = 0.0) -> List[tuple]:
-    """Greedy schedule of per-lane task lists [(label, duration, unit)] from time ``start``: each lane runs
-    its tasks in order, each unit (the tensor cores, the exp units) one task at a time.
-    -> [(lane, start, duration, label)]."""
-    ready = {lane: start for lane in tasks}
-    free: Dict[str, float] = {}
-    nxt = {lane: 0 for lane in tasks}
-    out = []
-    while any(nxt[lane] < len(tasks[lane]) for lane in tasks):
-        # the task that can start first; on a tie, the lane that is further behind (they take turns)
-        start, _, lane = min((max(ready[lane], free.get(tasks[lane][nxt[lane]][2], 0.0)), nxt[lane], lane)
-                             for lane in tasks if nxt[lane] < len(tasks[lane]))
-        label, duration, unit = tasks[lane][nxt[lane]]
-        out.append((lane, start, duration, label))
-        ready[lane] = free[unit] = start + duration
-        nxt[lane] += 1
-    return out
+PIPELINE_CASES = {
+    "num_stages = 1: each load waits for the math": dict(stages=1),
+    "num_stages = 3: loads run ahead (software pipelining)": dict(stages=3),
+    "… and QKᵀ of block j+1 issued before PV of block j (FA3, inside a warpgroup)": dict(stages=3, overlap_softmax=True),
+    "… or two warpgroups taking turns (FA3's ping-pong; hatched: warpgroup 1)": dict(stages=3, warpgroups=2),
+}
 
 
-def plot_pipeline(d: int = 128, tiles: int = 4, load: float = 1.3, gpu=None):
-    """Schematic timelines of one SM working through ``tiles`` key blocks: (a) one stage — each load
-    waits for the math; (b) several stages — loads run ahead; (c) FlashAttention-3's two warpgroups
-    in ping-pong — one's exponentials run under the other's matmuls (its loads hidden as in (b)).
-    A matmul (QKᵀ or PV) takes 1 unit;
-    the exponentials take 2 × ``iomodel.exp_to_matmul_time(d)`` units (the GPU's peak rates); a load ``load``.
-    """
-    from matplotlib.patches import Patch
-
-    from . import iomodel
-
-    gpu = gpu or iomodel.H100_SXM
-    x = 2 * iomodel.exp_to_matmul_time(d, gpu)
-    colors = {"load": "0.75", "QKᵀ": "tab:blue", "exp": "tab:red", "PV": "tab:cyan"}
-    rows = []  # (row label, start, duration, kind)
-    t = 0.0
-    for j in range(tiles):  # (a) load, then compute, one after the other
-        for kind, duration in (("load", load), ("QKᵀ", 1.0), ("exp", x), ("PV", 1.0)):
-            rows.append(("(a) 1 stage", t, duration, kind))
-            t += duration
-    load_end, compute_end = 0.0, 0.0
-    for j in range(tiles):  # (b) the copy engine loads block j+1 while the SM computes block j
-        rows.append(("(b) 3 stages: loads", load_end, load, "load"))
-        load_end += load
-        t = max(compute_end, load_end)
-        for kind, duration in (("QKᵀ", 1.0), ("exp", x), ("PV", 1.0)):
-            rows.append(("(b) 3 stages: math", t, duration, kind))
-            t += duration
-        compute_end = t
-    lanes = {f"(c) FA3 warpgroup {w}": [(kind, duration, "tensor cores" if kind != "exp" else "exp units")
-                                        for _ in range(tiles // 2) for kind, duration in (("QKᵀ", 1.0), ("exp", x), ("PV", 1.0))]
-             for w in (0, 1)}
-    # the first key block must arrive before any math; later loads run ahead as in (b)
-    rows += [("(c) FA3 warpgroup 0", 0.0, load, "load")] + _ping_pong(lanes, start=load)
-
-    labels = list(dict.fromkeys(r[0] for r in rows))
-    fig, ax = plt.subplots(figsize=(12, 3.6))
-    for label, start, duration, kind in rows:
-        y = labels.index(label)
-        ax.barh(y, duration, left=start, color=colors[kind], edgecolor="k", lw=0.5)
-    for label in labels:
-        if not label.endswith("loads") and not label.endswith("0"):
-            end = max(s + w for r, s, w, _ in rows if r == label)
-            ax.text(end + 0.2, labels.index(label), f"done at {end:.1f}", va="center", fontsize=8)
-    ax.set_yticks(range(len(labels)), labels, fontsize=8)
-    ax.invert_yaxis()
-    _style(ax, "time (units: one B_r × B_c × d matmul at the tensor cores' peak)", "",
-           f"{tiles} key blocks on one SM, d = {d} ({gpu.name}: the exponentials of a tile take "
-           f"{x:.2f} matmul units)")
-    ax.set_ylabel("what runs")
-    ax.legend(handles=[Patch(color=c, label=k if k != "exp" else "exp (softmax)") for k, c in colors.items()],
-              fontsize=8, loc="lower right", ncol=4)
-    fig.tight_layout()
+def plot_pipeline(n_blocks: int, load: float, matmul: float, exp: float, cases: Dict[str, dict] = PIPELINE_CASES):
+    """Gantt charts of one program's key loop on the loads, the tensor cores and the exp unit
+    (``gpumodel.pipeline_schedule`` with each of ``cases``' options), with the time each takes and
+    the share of it the tensor cores are busy."""
+    colors = {"K_j, V_j": "tab:gray", "QKᵀ": "tab:blue", "exp": "tab:orange", "PV": "tab:green"}
+    schedules = [gpumodel.pipeline_schedule(n_blocks, load, matmul, exp, **kw) for kw in cases.values()]
+    fig, axes = plt.subplots(len(cases), 1, figsize=(12, 1.7 * len(cases) + 0.8), sharex=True, layout="constrained")
+    for ax, title, events in zip(axes, cases, schedules):
+        for e in events:
+            y = gpumodel.UNITS.index(e.unit)
+            ax.barh(y, e.end - e.start, left=e.start, height=0.7, color=colors[e.op], edgecolor="k", lw=0.5,
+                    hatch="///" if e.warpgroup else None)
+            ax.text((e.start + e.end) / 2, y, str(e.block), ha="center", va="center", fontsize=7)
+        total = max(e.end for e in events)
+        busy = sum(e.end - e.start for e in events if e.unit == "tensor cores")
+        ax.set_title(f"{title}: {total:.1f} time units, tensor cores busy {busy / total:.0%}", fontsize=9, loc="left")
+        ax.set_yticks(range(len(gpumodel.UNITS)), gpumodel.UNITS, fontsize=8)
+        ax.set_ylim(len(gpumodel.UNITS) - 0.4, -0.6)
+        ax.set_ylabel("unit", fontsize=8)
+        ax.grid(True, axis="x", alpha=0.3)
+    axes[-1].set_xlim(0, max(max(e.end for e in s) for s in schedules) * 1.01)
+    axes[-1].set_xlabel(f"time (one unit = QKᵀ + PV of one tile on the tensor cores; exp {exp:.2f}, load {load:.2f}); "
+                        "the number in a bar is the key block j")
+    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in colors.values()]
+    fig.legend(handles, list(colors), loc="outside upper right", ncol=4, fontsize=8)
     return fig
 
 
 # ----------------------------------------------------------------------------------------------------
-# Chapter 09: the roofline, recorded speed, and the GPU under the kernel
+# Chapter 09: the roofline and recorded speed
 # ----------------------------------------------------------------------------------------------------
-
-
-class GPUSpec(NamedTuple):
-    """The numbers of one GPU that chapter 09 reasons with (per the vendor's spec sheet)."""
-
-    name: str
-    sms: int                       # streaming multiprocessors; one program (CTA) runs on one SM
-    matmul_tflops: float           # dense fp16/bf16 tensor-core throughput
-    exp_tops: float                # special-function unit (exp2, …) throughput, operations/s × 1e-12
-    bandwidth_tbs: float           # HBM bandwidth
-    registers_per_sm: int          # 32-bit registers shared by the resident programs
-    max_registers_per_thread: int
-    shared_per_sm: int             # bytes of shared memory shared by the resident programs
-    shared_per_program: int        # the most one program may allocate
-
-
-# H100 SXM5: 132 SMs × 4096 fp16 FLOP/clock × 1.83 GHz ≈ 989 TFLOP/s; 132 SMs × 16 exp/clock × 1.83 GHz
-# ≈ 3.9 T exp/s (the FlashAttention-3 paper's numbers); 64 Ki registers and 228 KiB of shared memory per
-# SM, of which one program may take 227 KiB.
-H100_SXM = GPUSpec("H100 SXM", sms=132, matmul_tflops=989.0, exp_tops=3.9, bandwidth_tbs=3.35,
-                   registers_per_sm=65536, max_registers_per_thread=255,
-                   shared_per_sm=228 * 1024, shared_per_program=227 * 1024)
 
 
 def plot_roofline(peak_tflops: float, bandwidth_tbs: float, points: Dict[str, tuple], *, device: str = "GPU"):
@@ -887,152 +840,6 @@ def plot_speed_ratios(ratios, baselines: Sequence[str] = ("sdpa-flash", "sdpa-cu
         ax.set_xlabel("sequence length N (tokens)")
         ax.set_title(f"{provider} TFLOP/s ÷ {base}", fontsize=10)
     fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="ratio (> 1: faster than the baseline)")
-    return fig
-
-
-class KernelBudget(NamedTuple):
-    """What one program of the forward kernel asks of an SM, and how many such programs fit at once."""
-
-    shared_bytes: int           # Q_i + num_stages buffers of K_j and V_j
-    tile_registers: int         # per thread, for the fp32 tiles acc_i (B_r × d) and S_ij (B_r × B_c) alone
-    programs_by_shared: int     # resident programs the shared memory allows (0: does not launch)
-    programs_by_registers: int  # resident programs the register file allows, at that register count
-
-
-def kernel_budget(block_m: int, block_n: int, num_warps: int, num_stages: int, *, d: int, element_size: int = 2,
-                  gpu: GPUSpec = H100_SXM) -> KernelBudget:
-    """The shared-memory and register budget of one forward program (B_r = block_m, B_c = block_n).
-
-    The register count is a lower bound: addresses, row statistics and the low-precision copy of P add
-    to it, and the compiler may keep more alive (a GPU's compiled kernel reports ``n_regs`` and
-    ``n_spills``).
-    """
-    # shared memory = element size · d · (B_r + num_stages · 2 · B_c)   (Q_i once; K_j, V_j per stage)
-    shared = element_size * d * (block_m + num_stages * 2 * block_n)
-    threads = 32 * num_warps
-    # one 32-bit register per fp32 element of acc_i and S_ij, spread over the program's threads
-    registers = math.ceil(block_m * (d + block_n) / threads)
-    by_shared = 0 if shared > gpu.shared_per_program else gpu.shared_per_sm // shared
-    by_registers = 0 if registers > gpu.max_registers_per_thread else gpu.registers_per_sm // (registers * threads)
-    return KernelBudget(shared, registers, by_shared, by_registers)
-
-
-def plot_kernel_budget(shapes: Sequence[tuple], d: int, element_size: int = 2, gpu: GPUSpec = H100_SXM):
-    """Shared memory and tile registers of forward configurations (B_r, B_c, num_warps, num_stages)
-    against the limits of ``gpu``, with the programs per SM that each allows."""
-    fig, (a0, a1) = plt.subplots(1, 2, figsize=(13, 4.2), layout="constrained")
-    budgets = [kernel_budget(*s, d=d, element_size=element_size, gpu=gpu) for s in shapes]
-    names = [f"{bm}×{bn}\n{w} warps\n{st} stages" for bm, bn, w, st in shapes]
-    x = list(range(len(shapes)))
-    a0.bar(x, [b.shared_bytes / 1024 for b in budgets], color="tab:purple")
-    a0.axhline(gpu.shared_per_program / 1024, color="tab:red", ls="--", label=f"one program's limit ({gpu.shared_per_program // 1024} KiB)")
-    a0.axhline(gpu.shared_per_sm / 2048, color="tab:orange", ls=":", label=f"two programs per SM ({gpu.shared_per_sm // 2048} KiB each)")
-    for i, b in enumerate(budgets):
-        a0.text(i, b.shared_bytes / 2048, f"{b.shared_bytes / 1024:.0f} KiB\n{b.programs_by_shared} / SM", ha="center",
-                va="center", fontsize=8, color="white")
-    a0.set_xticks(x, names, fontsize=8)
-    _style(a0, "", "shared memory per program (KiB)", f"Q_i + stages·(K_j + V_j), d = {d}, {8 * element_size}-bit")
-    a0.set_ylim(0, gpu.shared_per_program / 1024 * 1.25)
-    a0.legend(fontsize=8, loc="upper left")
-    a1.bar(x, [b.tile_registers for b in budgets], color="tab:cyan")
-    a1.axhline(gpu.max_registers_per_thread, color="tab:red", ls="--", label=f"per-thread limit ({gpu.max_registers_per_thread})")
-    two = [min(gpu.max_registers_per_thread, gpu.registers_per_sm // (2 * 32 * w)) for _, _, w, _ in shapes]
-    a1.plot(x, two, "_", color="tab:orange", markersize=40, mew=3, label="most registers a thread may use for two programs per SM")
-    for i, b in enumerate(budgets):
-        a1.text(i, b.tile_registers / 2, f"≥ {b.tile_registers}", ha="center", va="center", fontsize=8, color="white")
-    a1.set_xticks(x, names, fontsize=8)
-    _style(a1, "", "registers per thread (32-bit)", "fp32 tiles acc_i (B_r × d) and S_ij (B_r × B_c) alone")
-    a1.set_ylim(0, gpu.max_registers_per_thread * 1.3)
-    a1.legend(fontsize=8, loc="upper left", markerscale=0.4)
-    fig.suptitle(f"What one forward program asks of an {gpu.name} SM (64 Ki registers, {gpu.shared_per_sm // 1024} KiB shared memory)", fontsize=10)
-    return fig
-
-
-def exp_to_matmul_time(d: int, gpu: GPUSpec = H100_SXM) -> float:
-    """Time of the exponentials over time of the matmuls, per score of the forward pass at head dim d.
-
-    Each score S_ij costs 4d matmul FLOPs (2d in Q_i K_jᵀ, 2d in P_ij V_j) and one exp.
-    """
-    # (1 / exp rate) / (4d / matmul rate)
-    return (1 / gpu.exp_tops) / (4 * d / gpu.matmul_tflops)
-
-
-class Event(NamedTuple):
-    """One operation of a pipeline schedule: on which unit, for which key block, when."""
-
-    lane: str   # "load", "tensor cores" or "exp unit"
-    op: str     # "K_j, V_j", "QKᵀ", "exp", "PV"
-    block: int
-    start: float
-    end: float
-
-
-def pipeline_schedule(n_blocks: int, load: float, matmul: float, exp: float, *, stages: int,
-                      overlap_softmax: bool = False) -> List[Event]:
-    """Schedule one program's key loop on three units that run in parallel: the copy engine, the tensor
-    cores and the exp unit. Block j: load K_j, V_j (``load``), S = QKᵀ (``matmul``/2), exp (``exp``),
-    PV (``matmul``/2); each unit runs its operations in order.
-
-    ``stages`` buffers for K_j, V_j: the load of block j waits until block j − stages has finished its
-    PV (1 buffer: the next load waits for the whole block, nothing overlaps). ``overlap_softmax`` issues
-    QKᵀ of block j + 1 before PV of block j (FlashAttention-3), so block j's exponentials run under it.
-    """
-    if overlap_softmax and stages < 2:
-        raise ValueError("overlapping the softmax needs K_{j+1} loaded during block j: stages >= 2")
-    events: List[Event] = []
-    clock = {"load": 0.0, "tensor cores": 0.0, "exp unit": 0.0}
-    loaded: Dict[int, float] = {}
-    exp_done: Dict[int, float] = {}
-
-    def run(lane, op, j, ready, duration):
-        start = max(ready, clock[lane])
-        clock[lane] = start + duration
-        events.append(Event(lane, op, j, start, start + duration))
-        return start + duration
-
-    def qk_and_exp(j):
-        s_done = run("tensor cores", "QKᵀ", j, loaded[j], matmul / 2)
-        exp_done[j] = run("exp unit", "exp", j, s_done, exp)
-
-    for j in range(min(stages, n_blocks)):        # the prologue: every buffer filled ahead of the loop
-        loaded[j] = run("load", "K_j, V_j", j, 0.0, load)
-    for j in range(n_blocks):
-        if j not in exp_done:
-            qk_and_exp(j)
-        if overlap_softmax and j + 1 < n_blocks:
-            qk_and_exp(j + 1)                     # QKᵀ of the next block while block j's exp runs
-        pv_done = run("tensor cores", "PV", j, exp_done[j], matmul / 2)
-        if j + stages < n_blocks:                 # block j's buffer is free: refill it
-            loaded[j + stages] = run("load", "K_j, V_j", j + stages, pv_done, load)
-    return events
-
-
-def plot_pipeline(n_blocks: int, load: float, matmul: float, exp: float):
-    """Gantt charts of one program's key loop: no pipelining, software pipelining (num_stages = 3), and
-    pipelining with the softmax overlapped with the next block's QKᵀ (FlashAttention-3)."""
-    cases = [("num_stages = 1: load, then compute", dict(stages=1)),
-             ("num_stages = 3: loads run ahead (software pipelining)", dict(stages=3)),
-             ("num_stages = 3 and QKᵀ of block j+1 issued before PV of block j (FA3)", dict(stages=3, overlap_softmax=True))]
-    colors = {"K_j, V_j": "tab:gray", "QKᵀ": "tab:blue", "exp": "tab:orange", "PV": "tab:green"}
-    lanes = ["load", "tensor cores", "exp unit"]
-    schedules = [pipeline_schedule(n_blocks, load, matmul, exp, **kw) for _, kw in cases]
-    longest = max(max(e.end for e in s) for s in schedules)
-    fig, axes = plt.subplots(len(cases), 1, figsize=(12, 2.0 * len(cases) + 0.6), sharex=True, layout="constrained")
-    for ax, (title, _), events in zip(axes, cases, schedules):
-        for e in events:
-            y = lanes.index(e.lane)
-            ax.barh(y, e.end - e.start, left=e.start, height=0.7, color=colors[e.op], edgecolor="k", lw=0.5)
-            ax.text((e.start + e.end) / 2, y, str(e.block), ha="center", va="center", fontsize=7)
-        total = max(e.end for e in events)
-        busy = sum(e.end - e.start for e in events if e.lane == "tensor cores")
-        ax.set_title(f"{title}: {total:.1f} time units, tensor cores busy {busy / total:.0%}", fontsize=9, loc="left")
-        ax.set_yticks(range(len(lanes)), lanes, fontsize=8)
-        ax.set_ylim(len(lanes) - 0.4, -0.6)
-        ax.grid(True, axis="x", alpha=0.3)
-    axes[-1].set_xlim(0, longest * 1.01)
-    axes[-1].set_xlabel("time (one unit = QKᵀ + PV of one tile on the tensor cores); the number in a bar is the key block j")
-    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in colors.values()]
-    fig.legend(handles, [f"{op}" for op in colors], loc="outside upper right", ncol=4, fontsize=8)
     return fig
 
 

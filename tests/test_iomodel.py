@@ -90,38 +90,3 @@ def test_errors():
         flash_attention_io(128, 64)
     with pytest.raises(ValueError, match="order must be one of"):
         flash_attention_io(128, 64, block_m=16, block_n=16, order="fa3")
-
-
-def test_shared_memory_budget_agrees_with_the_kernels_configs():
-    configs = pytest.importorskip("flashcourse.kernels.configs")
-    shapes = getattr(configs, "HOPPER_SHAPES", None)
-    if shapes is None or not hasattr(configs, "shared_bytes"):
-        pytest.skip("kernels/configs.py no longer has HOPPER_SHAPES and shared_bytes: point this test at its config list")
-    import triton
-
-    budget = iomodel.H100_SXM.shared_per_program
-    assert budget == getattr(configs, "SHARED_MEMORY_BYTES", budget) == 232448  # 227 KB per program
-    for (d, e), listed in shapes.items():
-        for B_r, B_c, warps, stages in listed:
-            config = triton.Config({"BLOCK_M": B_r, "BLOCK_N": B_c}, num_warps=warps, num_stages=stages)
-            ours = iomodel.forward_shared_bytes(B_r, B_c, d, stages, e)
-            assert ours == configs.shared_bytes(config, d, e), (d, e, B_r, B_c, stages)
-            assert ours <= budget, f"listed config {(B_r, B_c, warps, stages)} at d={d}, {e} B needs {ours} B"
-
-
-def test_gpu_budgets_of_the_chapter_04_stories():
-    KB = 1024
-    # benchmarks/NOTES_forward.md: fp32, d = 128, 128 × 64 blocks, 3 stages needed 256 KB — over the limit
-    fp32 = iomodel.forward_shared_bytes(128, 64, 128, 3, bytes_per_element=4)
-    assert fp32 == 256 * KB and iomodel.programs_per_sm(fp32, 8, 128) == 0
-    # ... and 128 × 64 with 2 stages (96 KB) lets two programs share an SM, if registers allow:
-    two = iomodel.forward_shared_bytes(128, 64, 128, 2)
-    assert two == 96 * KB
-    assert iomodel.programs_per_sm(two, num_warps=4, registers_per_thread=224) == 2
-    assert iomodel.programs_per_sm(two, num_warps=8, registers_per_thread=130) == 1  # 2 × 256 × 130 > 65,536
-    # O_i and S_ij of 128 × 128 tiles at d = 128 need 256 registers a thread with 4 warps (spills), 128 with 8
-    assert iomodel.tile_registers(128, 128, 128, num_warps=4) == 256 > iomodel.H100_SXM.max_registers_per_thread
-    assert iomodel.tile_registers(128, 128, 128, num_warps=8) == 128
-    # the exponential's roof: 3.9 TFLOP/s of exp against 989 of matmul
-    assert iomodel.exp_to_matmul_time(64) == pytest.approx(0.99, abs=0.01)
-    assert iomodel.exp_to_matmul_time(128) == pytest.approx(0.50, abs=0.01)

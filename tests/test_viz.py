@@ -1,7 +1,5 @@
 """The notebooks' helpers: memory measurements, the tile schedule, the online-softmax trace, figures and widgets."""
 
-import itertools
-
 import matplotlib
 
 matplotlib.use("Agg")
@@ -92,9 +90,10 @@ def test_online_softmax_trace_ends_at_the_exact_output():
 def _labelled(fig):
     for ax in fig.axes:
         if ax.get_images() or ax.lines or ax.patches:
-            # a twin axis (a second y scale) shares the x label of its sibling
+            # a twin axis (a second y scale) shares the x label of its sibling; panels side by side, the y label
             xlabel = any(a.get_xlabel() for a in ax.get_shared_x_axes().get_siblings(ax))
-            assert xlabel and ax.get_ylabel(), f"unlabelled axes in {ax.get_title()!r}"
+            ylabel = any(a.get_ylabel() for a in ax.get_shared_y_axes().get_siblings(ax))
+            assert xlabel and ylabel, f"unlabelled axes in {ax.get_title()!r}"
     return True
 
 
@@ -108,8 +107,8 @@ def test_figures_have_labelled_axes():
         viz.plot_paper_comparison(iomodel.fa1_paper_comparison()),
         viz.plot_by_hand(torch.randn(4, 2), torch.randn(4, 2), torch.randn(4, 2), block_n=2),
         viz.plot_loop_orders(),
-        viz.plot_gpu_budget([(64, 2, 128, 64, 4, 3), (128, 4, 128, 64, 8, 3)]),
-        viz.plot_pipeline(d=64),
+        viz.plot_kernel_budget([(64, 2, 128, 64, 4, 3), (128, 4, 128, 64, 8, 3)]),
+        viz.plot_pipeline(4, load=0.6, matmul=1.0, exp=0.5),
         viz.plot_merge_trees(torch.randn(40, dtype=torch.float64), torch.randn(40, 3, dtype=torch.float64), [5, 20, 30]),
         viz.plot_matrices({"S": torch.randn(5, 7), "P": torch.softmax(torch.randn(5, 7), -1)}),
         viz.plot_memory_scaling([128, 256, 512], {"naive": [1e5, 4e5, 1.6e6]}, limits={"GPU": 1e9}, extrapolate_to=2**16),
@@ -163,14 +162,14 @@ def test_show_source_prints_a_marked_range_or_everything(capsys):
     assert capsys.readouterr().out.startswith("def show_error")
 
 
-def test_ping_pong_schedule_shares_each_unit_and_keeps_each_lane_in_order():
-    # chapter 04's FlashAttention-3 timeline: two warpgroups, one tensor-core unit, one exp unit
-    work = [("QKᵀ", 1.0, "tensor cores"), ("exp", 1.0, "exp units"), ("PV", 1.0, "tensor cores")] * 2
-    schedule = viz._ping_pong({"wg0": work, "wg1": work}, start=0.5)
-    unit = {"QKᵀ": "tensor cores", "PV": "tensor cores", "exp": "exp units"}
-    for a, b in itertools.combinations(schedule, 2):
-        if a[0] == b[0] or unit[a[3]] == unit[b[3]]:  # same lane or same unit: never at the same time
-            assert a[1] + a[2] <= b[1] or b[1] + b[2] <= a[1], (a, b)
-    assert min(s for _, s, _, _ in schedule) == 0.5
-    # overlap pays: 12 units of work, done in 9 (the tensor cores alone need 8)
-    assert max(s + w for _, s, w, _ in schedule) < 0.5 + 9
+def test_gpu_figures_show_the_models_numbers():
+    # chapter 04's budget figure: the fp32 shape of the tuning notes is marked as not launching
+    fig = viz.plot_kernel_budget([(128, 2, 128, 64, 4, 2), (128, 4, 128, 64, 8, 3)])
+    texts = [t.get_text() for t in fig.axes[0].texts]
+    assert texts == ["96 KiB: 2 / SM", "256 KiB: ✗ does not launch"]
+    assert [t.get_text() for t in fig.axes[1].texts] == ["≥ 192: ≤ 2 / SM", "≥ 96: ≤ 2 / SM"]
+    # chapter 09's pipeline figure: each panel's total is the schedule's
+    fig = viz.plot_pipeline(5, load=0.6, matmul=1.0, exp=0.5)
+    totals = [float(ax.get_title(loc="left").split(": ")[-1].split(" time")[0]) for ax in fig.axes]
+    assert totals == [pytest.approx(x, abs=0.05) for x in (5 * 2.1, 0.6 + 5 * 1.5, totals[2], 0.6 + 5 * 1.0)]
+    assert 0.6 + 5 <= totals[2] < 0.6 + 5 * 1.5

@@ -1,5 +1,5 @@
-"""The helpers of chapters 05–10 in ``flashcourse.viz``: the GPU budget and pipeline models of chapter 09,
-its figures of recorded speed, and chapter 10's gradient-checkpointing measurement."""
+"""The helpers of chapters 05–10 in ``flashcourse.viz``: chapter 09's figures of recorded speed and
+chapter 10's gradient-checkpointing measurement. (Chapter 09's GPU model: tests/test_gpumodel.py.)"""
 
 import math
 
@@ -19,56 +19,6 @@ from flashcourse.gpt import GPTConfig  # noqa: E402
 def close_figures():
     yield
     plt.close("all")
-
-
-def test_h100_rates_are_the_products_of_per_sm_rates():
-    # 132 SMs × 4096 fp16 FLOP/clock and × 16 exp/clock, at 1.83 GHz (the FlashAttention-3 paper's numbers)
-    h = viz.H100_SXM
-    assert h.matmul_tflops == pytest.approx(132 * 4096 * 1.83e9 / 1e12, rel=0.01)
-    assert h.exp_tops == pytest.approx(132 * 16 * 1.83e9 / 1e12, rel=0.01)
-    assert h.matmul_tflops / h.bandwidth_tbs == pytest.approx(295, abs=1)  # the ridge chapter 09 quotes
-
-
-def test_exponentials_take_half_the_matmul_time_at_d_128():
-    # FA3: "512x more matmul FLOPs than exponential, but exponential has 256x lower throughput"
-    assert viz.exp_to_matmul_time(128) == pytest.approx(0.5, abs=0.01)
-    assert viz.exp_to_matmul_time(64) == pytest.approx(2 * viz.exp_to_matmul_time(128))
-
-
-def test_kernel_budget_reproduces_the_tuning_notes():
-    # benchmarks/NOTES_forward.md: the fp32 d = 128 configuration that needed 256 KB and did not launch ...
-    fp32 = viz.kernel_budget(128, 64, 8, 3, d=128, element_size=4)
-    assert fp32.shared_bytes == 4 * 128 * (128 + 3 * 2 * 64) == 256 * 1024
-    assert fp32.programs_by_shared == 0
-    # ... and the 96 KB shape (128 × 64, 4 warps, 2 stages) of which two programs share an SM
-    two = viz.kernel_budget(128, 64, 4, 2, d=128)
-    assert two.shared_bytes == 96 * 1024 and two.programs_by_shared == 2
-    # acc (128 × 128) and S (128 × 64) in fp32 over 128 threads: 192 registers a thread
-    assert two.tile_registers == 192 and two.programs_by_registers == 2
-    # the same tiles over 8 warps: 96 a thread at the least; ~130 in practice cannot give two programs
-    eight = viz.kernel_budget(128, 64, 8, 2, d=128)
-    assert eight.tile_registers == 96 and 65536 // (130 * 256) == 1
-
-
-def _end(events):
-    return max(e.end for e in events)
-
-
-def test_pipeline_schedule_closed_forms():
-    n, L, M, E = 5, 0.6, 1.0, 0.5
-    # one buffer: nothing overlaps
-    assert _end(viz.pipeline_schedule(n, L, M, E, stages=1)) == pytest.approx(n * (L + M + E))
-    # loads ahead: only the first load is exposed when a load is shorter than a block's compute
-    assert _end(viz.pipeline_schedule(n, L, M, E, stages=3)) == pytest.approx(L + n * (M + E))
-    # softmax under the next QKᵀ: the tensor cores bound it, and it beats plain pipelining
-    overlapped = _end(viz.pipeline_schedule(n, L, M, E, stages=3, overlap_softmax=True))
-    assert L + n * M <= overlapped < L + n * (M + E) - (n - 2) * E
-    events = viz.pipeline_schedule(n, L, M, E, stages=3, overlap_softmax=True)
-    for lane in ("load", "tensor cores", "exp unit"):  # a unit does one thing at a time
-        spans = sorted((e.start, e.end) for e in events if e.lane == lane)
-        assert all(a_end <= b_start + 1e-12 for (_, a_end), (b_start, _) in zip(spans, spans[1:]))
-    with pytest.raises(ValueError, match="stages >= 2"):
-        viz.pipeline_schedule(n, L, M, E, stages=1, overlap_softmax=True)
 
 
 def test_speed_figures_draw_from_json_rows():
