@@ -82,11 +82,18 @@ def flash_attention(q, k, v, *, causal: bool = False, scale: Optional[float] = N
     """O = softmax(scale · Q Kᵀ) V by the Triton FlashAttention kernels; differentiable in q, k, v.
 
     q: (B, H, Nq, d); k, v: (B, Hkv, Nk, d) with H % Hkv == 0, any strides; float16, bfloat16 or
-    float32; d <= 256. Causal masking is bottom-right aligned (query i sees key j <= i + Nk - Nq).
-    Returns O (B, H, Nq, d) in q's dtype and, with ``return_lse``, L (B, H, Nq), the natural-log
-    logsumexp of each scaled score row, float32 and detached (no gradient flows through it). A row
-    that sees no key gives O = 0 and L = -inf. Runs on CUDA tensors on a GPU machine, and on CPU
-    tensors in Triton's interpreter otherwise.
+    float32; any head dim d from 1 to 256. Causal masking is bottom-right aligned (query i sees key
+    j <= i + Nk - Nq). Returns O (B, H, Nq, d) in q's dtype and, with ``return_lse``, L (B, H, Nq),
+    the natural-log logsumexp of each scaled score row, float32 and detached (no gradient flows
+    through it). A row that sees no key gives O = 0 and L = -inf. Runs on CUDA tensors on a GPU
+    machine, and on CPU tensors in Triton's interpreter otherwise.
+
+    Numerics: float16 and bfloat16 products are exact, accumulated in float32, and P and dS are
+    rounded to nearest (ties to even) before their matmuls, on the GPU and in the interpreter alike.
+    float32 inputs are multiplied as PyTorch multiplies float32 matrices: with
+    ``torch.get_float32_matmul_precision()`` "highest" (PyTorch's default) in IEEE float32, with
+    "high" or "medium" in TF32 on the tensor cores (set it before the call). NaN or +inf reaching a
+    score makes its row NaN, as in SDPA; the inputs are not inspected (that would cost a GPU sync).
     """
     B, H, Hkv, Nq, Nk, d = check_attention_inputs(q, k, v)
     if q.dtype not in KERNEL_DTYPES:

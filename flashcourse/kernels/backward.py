@@ -26,7 +26,7 @@ import triton.language as tl
 
 from .._checks import check_attention_inputs, check_like
 from .._env import INTERPRET
-from .common import check_kernel_device, dot, load_tile, store_tile, upcast_dots
+from .common import check_kernel_device, dot, dot_args, load_tile, quiet_interpreter, store_tile, to_dtype
 from .configs import length_bucket
 
 LOG2E = tl.constexpr(math.log2(math.e))  # exp(x) = exp2(LOG2E · x)
@@ -105,7 +105,7 @@ def _dkdv_tiles(dK_j, dV_j, K_j, V_j, Q_h, dO_h, L_h, Delta_h,
                 stride_qm, stride_qd, stride_dom, stride_dod,
                 start_n, lo, hi, Nq, offset, qk_scale,
                 HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                MASK: tl.constexpr, UPCAST: tl.constexpr):
+                MASK: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Add to dK_j, dV_j (B_c, d) the terms of query blocks lo, lo + B_r, ... < hi of one head.
 
     MASK: apply the causal mask (blocks that cross the diagonal). Key rows past Nk need no mask:
@@ -119,24 +119,24 @@ def _dkdv_tiles(dK_j, dV_j, K_j, V_j, Q_h, dO_h, L_h, Delta_h,
         dO_i = load_tile(dO_h, offs_m, offs_d, stride_dom, stride_dod, Nq, HEAD_DIM)  # (B_r, d)
         L_i, D_i = _row_stats(L_h, Delta_h, offs_m, Nq)
         # S_ijᵀ = K_j Q_iᵀ (before scaling)                         (B_c, B_r)
-        ST_ij = dot(K_j, QT_i, tl.zeros([BLOCK_N, BLOCK_M], tl.float32), UPCAST)
+        ST_ij = dot(K_j, QT_i, tl.zeros([BLOCK_N, BLOCK_M], tl.float32), UPCAST, DOT_PRECISION)
         # P_ijᵀ = exp(scale · S_ijᵀ − L_i) = exp2(log2e · scale · S_ijᵀ − log2e · L_i)
         PT_ij = tl.math.exp2(ST_ij * qk_scale - L_i[None, :])
         if MASK:
             # causal, bottom-right aligned: query i sees key j iff j <= i + Nk − Nq
             PT_ij = tl.where(offs_n[:, None] <= offs_m[None, :] + offset, PT_ij, 0.0)
         # dV_j += P_ijᵀ dO_i
-        dV_j = dot(PT_ij.to(dO_i.dtype), dO_i, dV_j, UPCAST)
+        dV_j = dot(to_dtype(PT_ij, dO_i.dtype), dO_i, dV_j, UPCAST, DOT_PRECISION)
         # dP_ijᵀ = V_j dO_iᵀ                                         (B_c, B_r)
-        dPT_ij = dot(V_j, tl.trans(dO_i), tl.zeros([BLOCK_N, BLOCK_M], tl.float32), UPCAST)
+        dPT_ij = dot(V_j, tl.trans(dO_i), tl.zeros([BLOCK_N, BLOCK_M], tl.float32), UPCAST, DOT_PRECISION)
         # dS_ijᵀ = P_ijᵀ ∘ (dP_ijᵀ − D_i)
         dST_ij = PT_ij * (dPT_ij - D_i[None, :])
         # dK_j += dS_ijᵀ Q_i                      (the factor scale comes once, at the end)
-        dK_j = dot(dST_ij.to(QT_i.dtype), tl.trans(QT_i), dK_j, UPCAST)
+        dK_j = dot(to_dtype(dST_ij, QT_i.dtype), tl.trans(QT_i), dK_j, UPCAST, DOT_PRECISION)
     return dK_j, dV_j
 
 
-@triton.autotune(configs=_DKDV_CONFIGS, key=["HEAD_DIM", "CAUSAL", "N_BUCKET"],
+@triton.autotune(configs=_DKDV_CONFIGS, key=["HEAD_DIM", "CAUSAL", "N_BUCKET", "DOT_PRECISION"],
                  prune_configs_by={"early_config_prune": _fitting("dkdv")})
 @triton.jit
 def _dkdv(Q, K, V, dO, dK, dV, L, Delta,
@@ -147,7 +147,7 @@ def _dkdv(Q, K, V, dO, dK, dV, L, Delta,
           stride_dkb, stride_dkh, stride_dkn, stride_dkd,
           H, Hkv, Nq, Nk, scale, N_BUCKET,
           HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
-          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+          DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """dK_j, dV_j (B_c, d) of one key block j of one key/value head, summed over its query heads.
 
     Grid: (cdiv(Nk, B_c), B · Hkv). dK and dV are contiguous (B, Hkv, Nk, d) with the same strides.
@@ -181,23 +181,24 @@ def _dkdv(Q, K, V, dO, dK, dV, L, Delta,
             dK_j, dV_j = _dkdv_tiles(dK_j, dV_j, K_j, V_j, Q_h, dO_h, L_h, Delta_h,
                                      stride_qm, stride_qd, stride_dom, stride_dod,
                                      start_n, lo, tl.minimum(mid, Nq), Nq, offset, qk_scale,
-                                     HEAD_DIM, D_PAD, BLOCK_M, BLOCK_N, True, UPCAST)
+                                     HEAD_DIM, D_PAD, BLOCK_M, BLOCK_N, True, UPCAST, DOT_PRECISION)
         dK_j, dV_j = _dkdv_tiles(dK_j, dV_j, K_j, V_j, Q_h, dO_h, L_h, Delta_h,
                                  stride_qm, stride_qd, stride_dom, stride_dod,
                                  start_n, mid, Nq, Nq, offset, qk_scale,
-                                 HEAD_DIM, D_PAD, BLOCK_M, BLOCK_N, False, UPCAST)
+                                 HEAD_DIM, D_PAD, BLOCK_M, BLOCK_N, False, UPCAST, DOT_PRECISION)
     # dK_j = scale · Σ_i dS_ijᵀ Q_i
     dK_j *= scale
     out = b * stride_dkb + hkv * stride_dkh
-    store_tile(dK + out, dK_j.to(dK.dtype.element_ty), offs_n, offs_d, stride_dkn, stride_dkd, Nk, HEAD_DIM)
-    store_tile(dV + out, dV_j.to(dV.dtype.element_ty), offs_n, offs_d, stride_dkn, stride_dkd, Nk, HEAD_DIM)
+    store_tile(dK + out, to_dtype(dK_j, dK.dtype.element_ty), offs_n, offs_d, stride_dkn, stride_dkd, Nk, HEAD_DIM)
+    store_tile(dV + out, to_dtype(dV_j, dV.dtype.element_ty), offs_n, offs_d, stride_dkn, stride_dkd, Nk, HEAD_DIM)
 
 
 @triton.jit
 def _dq_tiles(dQ_i, Q_i, dO_i, L_i, D_i, K_h, V_h, stride_kn, stride_kd, stride_vn, stride_vd,
               start_m, lo, hi, Nk, offset, qk_scale,
               HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              MASK: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr):
+              MASK: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
+              DOT_PRECISION: tl.constexpr):
     """Add to dQ_i (B_r, d) the terms of key blocks lo, lo + B_c, ... < hi.
 
     MASK: mask keys past Nk (the ragged last block) and, when CAUSAL, keys right of the diagonal.
@@ -209,7 +210,7 @@ def _dq_tiles(dQ_i, Q_i, dO_i, L_i, D_i, K_h, V_h, stride_kn, stride_kd, stride_
         KT_j = load_tile(K_h, offs_d, offs_n, stride_kd, stride_kn, HEAD_DIM, Nk)  # K_jᵀ (d, B_c)
         VT_j = load_tile(V_h, offs_d, offs_n, stride_vd, stride_vn, HEAD_DIM, Nk)  # V_jᵀ (d, B_c)
         # S_ij = Q_i K_jᵀ (before scaling)                          (B_r, B_c)
-        S_ij = dot(Q_i, KT_j, tl.zeros([BLOCK_M, BLOCK_N], tl.float32), UPCAST)
+        S_ij = dot(Q_i, KT_j, tl.zeros([BLOCK_M, BLOCK_N], tl.float32), UPCAST, DOT_PRECISION)
         # P_ij = exp(scale · S_ij − L_i) = exp2(log2e · scale · S_ij − log2e · L_i)
         P_ij = tl.math.exp2(S_ij * qk_scale - L_i[:, None])
         if MASK:
@@ -219,15 +220,15 @@ def _dq_tiles(dQ_i, Q_i, dO_i, L_i, D_i, K_h, V_h, stride_kn, stride_kd, stride_
                 visible = visible & (offs_n[None, :] <= offs_m[:, None] + offset)
             P_ij = tl.where(visible, P_ij, 0.0)
         # dP_ij = dO_i V_jᵀ
-        dP_ij = dot(dO_i, VT_j, tl.zeros([BLOCK_M, BLOCK_N], tl.float32), UPCAST)
+        dP_ij = dot(dO_i, VT_j, tl.zeros([BLOCK_M, BLOCK_N], tl.float32), UPCAST, DOT_PRECISION)
         # dS_ij = P_ij ∘ (dP_ij − D_i)
         dS_ij = P_ij * (dP_ij - D_i[:, None])
         # dQ_i += dS_ij K_j                       (the factor scale comes once, at the end)
-        dQ_i = dot(dS_ij.to(KT_j.dtype), tl.trans(KT_j), dQ_i, UPCAST)
+        dQ_i = dot(to_dtype(dS_ij, KT_j.dtype), tl.trans(KT_j), dQ_i, UPCAST, DOT_PRECISION)
     return dQ_i
 
 
-@triton.autotune(configs=_DQ_CONFIGS, key=["HEAD_DIM", "CAUSAL", "N_BUCKET"],
+@triton.autotune(configs=_DQ_CONFIGS, key=["HEAD_DIM", "CAUSAL", "N_BUCKET", "DOT_PRECISION"],
                  prune_configs_by={"early_config_prune": _fitting("dq")})
 @triton.jit
 def _dq(Q, K, V, dO, dQ, L, Delta,
@@ -238,7 +239,7 @@ def _dq(Q, K, V, dO, dQ, L, Delta,
         stride_dqb, stride_dqh, stride_dqm, stride_dqd,
         H, Hkv, Nq, Nk, scale, N_BUCKET,
         HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """dQ_i (B_r, d) of one query block i of one head. Grid: (cdiv(Nq, B_r), B · H)."""
     # causal: the last query blocks see the most keys, so they are started first
     start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
@@ -265,13 +266,13 @@ def _dq(Q, K, V, dO, dQ, L, Delta,
     dQ_i = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
     dQ_i = _dq_tiles(dQ_i, Q_i, dO_i, L_i, D_i, K_h, V_h, stride_kn, stride_kd, stride_vn, stride_vd,
                      start_m, 0, mid, Nk, offset, qk_scale,
-                     HEAD_DIM, D_PAD, BLOCK_M, BLOCK_N, False, CAUSAL, UPCAST)
+                     HEAD_DIM, D_PAD, BLOCK_M, BLOCK_N, False, CAUSAL, UPCAST, DOT_PRECISION)
     dQ_i = _dq_tiles(dQ_i, Q_i, dO_i, L_i, D_i, K_h, V_h, stride_kn, stride_kd, stride_vn, stride_vd,
                      start_m, mid, hi, Nk, offset, qk_scale,
-                     HEAD_DIM, D_PAD, BLOCK_M, BLOCK_N, True, CAUSAL, UPCAST)
+                     HEAD_DIM, D_PAD, BLOCK_M, BLOCK_N, True, CAUSAL, UPCAST, DOT_PRECISION)
     # dQ_i = scale · Σ_j dS_ij K_j
     dQ_i *= scale
-    store_tile(dQ + b * stride_dqb + h * stride_dqh, dQ_i.to(dQ.dtype.element_ty),
+    store_tile(dQ + b * stride_dqb + h * stride_dqh, to_dtype(dQ_i, dQ.dtype.element_ty),
                offs_m, offs_d, stride_dqm, stride_dqd, Nq, HEAD_DIM)
 
 
@@ -292,19 +293,19 @@ def attention_backward(q, k, v, o, lse, do, *, causal: bool, scale: float):
     lse = lse.to(torch.float32).contiguous()
     D_PAD = max(16, triton.next_power_of_2(d))
     shape_args = dict(HEAD_DIM=d, D_PAD=D_PAD)
-    run_args = dict(N_BUCKET=length_bucket(max(Nq, Nk)), CAUSAL=bool(causal),
-                    UPCAST=upcast_dots(q.dtype), **shape_args)
+    run_args = dict(N_BUCKET=length_bucket(max(Nq, Nk)), CAUSAL=bool(causal), **dot_args(q.dtype), **shape_args)
     delta = torch.empty((B, H, Nq), dtype=torch.float32, device=q.device)
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
 
-    _preprocess[(triton.cdiv(Nq, _PRE_BLOCK_M), B * H)](
-        o, do, delta, *o.stride(), *do.stride(), H, Nq, BLOCK_M=_PRE_BLOCK_M, **shape_args)
     strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride())
     sizes = (H, Hkv, Nq, Nk, float(scale))
-    _dkdv[lambda meta: (triton.cdiv(Nk, meta["BLOCK_N"]), B * Hkv)](
-        q, k, v, do, dk, dv, lse, delta, *strides, *dk.stride(), *sizes, **run_args)
-    _dq[lambda meta: (triton.cdiv(Nq, meta["BLOCK_M"]), B * H)](
-        q, k, v, do, dq, lse, delta, *strides, *dq.stride(), *sizes, **run_args)
+    with quiet_interpreter():
+        _preprocess[(triton.cdiv(Nq, _PRE_BLOCK_M), B * H)](
+            o, do, delta, *o.stride(), *do.stride(), H, Nq, BLOCK_M=_PRE_BLOCK_M, **shape_args)
+        _dkdv[lambda meta: (triton.cdiv(Nk, meta["BLOCK_N"]), B * Hkv)](
+            q, k, v, do, dk, dv, lse, delta, *strides, *dk.stride(), *sizes, **run_args)
+        _dq[lambda meta: (triton.cdiv(Nq, meta["BLOCK_M"]), B * H)](
+            q, k, v, do, dq, lse, delta, *strides, *dq.stride(), *sizes, **run_args)
     return dq, dk, dv

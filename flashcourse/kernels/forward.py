@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from .._env import INTERPRET
-from .common import check_kernel_device, dot, load_tile, store_tile, upcast_dots
+from .common import check_kernel_device, dot, dot_args, load_tile, quiet_interpreter, store_tile, to_dtype
 from .configs import INTERPRET_BLOCK_M, INTERPRET_BLOCK_N, gpu_configs, length_bucket, prune_configs, tma_compatible
 
 LOG2_E = 1.4426950408889634  # log2(e): exp(x) = 2^(x · log2 e)
@@ -54,7 +54,8 @@ def _attn_fwd_inner(
     K_src, V_src, stride_kn, stride_kd, stride_vn, stride_vd,
     offs_m, offs_d, start, end, Nk, shift, qk_scale,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, USE_TMA: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    USE_TMA: tl.constexpr,
 ):
     """Fold the key blocks K_j, V_j with start <= j·B_c < end into (acc, l_i, m_i).
 
@@ -66,7 +67,7 @@ def _attn_fwd_inner(
         offs_n = start_n + tl.arange(0, BLOCK_N)
         K_j = _load_kv_tile(K_src, start_n, offs_d, stride_kn, stride_kd, Nk, HEAD_DIM, BLOCK_N, MASKED, USE_TMA)
         # S_ij = Q_i K_jᵀ                                        (B_r, B_c), float32
-        s = dot(q, tl.trans(K_j), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), UPCAST)
+        s = dot(q, tl.trans(K_j), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), UPCAST, DOT_PRECISION)
         if MASKED:
             visible = offs_n[None, :] < Nk
             if CAUSAL:
@@ -87,7 +88,7 @@ def _attn_fwd_inner(
         l_i = l_i * alpha + tl.sum(p, 1)
         V_j = _load_kv_tile(V_src, start_n, offs_d, stride_vn, stride_vd, Nk, HEAD_DIM, BLOCK_N, MASKED, USE_TMA)
         # acc_i = α acc_i + P̃_ij V_j                           (still unnormalised)
-        acc = dot(p.to(V_j.dtype), V_j, acc * alpha[:, None], UPCAST)
+        acc = dot(to_dtype(p, V_j.dtype), V_j, acc * alpha[:, None], UPCAST, DOT_PRECISION)
         m_i = m_new
     return acc, l_i, m_i
 
@@ -101,7 +102,7 @@ def _attn_fwd_kernel(
     stride_ob, stride_oh, stride_om, stride_od,
     H, GROUP, Nq, Nk, qk_scale, N_BUCKET, TMA_OK,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
-    USE_TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """O_i, L_i for one block of B_r = BLOCK_M query rows of one (batch, head). L is contiguous (B, H, Nq).
 
@@ -158,18 +159,18 @@ def _attn_fwd_kernel(
     acc, l_i, m_i = _attn_fwd_inner(
         acc, l_i, m_i, q, K_src, V_src, stride_kn, stride_kd, stride_vn, stride_vd,
         offs_m, offs_d, 0, unmasked_end, Nk, shift, qk_scale,
-        False, CAUSAL, HEAD_DIM, BLOCK_M, BLOCK_N, UPCAST, USE_TMA,
+        False, CAUSAL, HEAD_DIM, BLOCK_M, BLOCK_N, UPCAST, DOT_PRECISION, USE_TMA,
     )
     acc, l_i, m_i = _attn_fwd_inner(
         acc, l_i, m_i, q, K_src, V_src, stride_kn, stride_kd, stride_vn, stride_vd,
         offs_m, offs_d, unmasked_end, end, Nk, shift, qk_scale,
-        True, CAUSAL, HEAD_DIM, BLOCK_M, BLOCK_N, UPCAST, USE_TMA,
+        True, CAUSAL, HEAD_DIM, BLOCK_M, BLOCK_N, UPCAST, DOT_PRECISION, USE_TMA,
     )
 
     # O_i = acc_i / l_i, one division at the end; a row that saw no key (l_i = 0) gets O_i = 0
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     o = acc / l_safe[:, None]
-    store_tile(O_head, o.to(O.dtype.element_ty), offs_m, offs_d, stride_om, stride_od, Nq, HEAD_DIM)
+    store_tile(O_head, to_dtype(o, O.dtype.element_ty), offs_m, offs_d, stride_om, stride_od, Nq, HEAD_DIM)
     # L_i = ln 2 · (m_i + log2 l_i), natural log again; −inf for a row that saw no key (m_i = −inf)
     lse = (m_i + tl.math.log2(l_safe)) * LN_2
     tl.store(L + pid_bh.to(tl.int64) * Nq + offs_m, lse, mask=offs_m < Nq)
@@ -177,7 +178,7 @@ def _attn_fwd_kernel(
 
 _attn_fwd_tuned = triton.autotune(
     configs=gpu_configs(),
-    key=["HEAD_DIM", "CAUSAL", "TMA_OK", "N_BUCKET"],
+    key=["HEAD_DIM", "CAUSAL", "TMA_OK", "N_BUCKET", "DOT_PRECISION"],
     prune_configs_by={"early_config_prune": prune_configs},
 )(_attn_fwd_kernel)
 
@@ -221,14 +222,13 @@ def attention_forward(
         *q.stride(), *k.stride(), *v.stride(), *o.stride(),
         H, H // Hkv, Nq, Nk, scale * LOG2_E, length_bucket(max(Nq, Nk)), tma_ok,
     )
-    meta = dict(
-        HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)), CAUSAL=bool(causal), UPCAST=upcast_dots(q.dtype)
-    )
+    meta = dict(HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)), CAUSAL=bool(causal), **dot_args(q.dtype))
     if INTERPRET or block_m is not None or block_n is not None:
         block_m = block_m or INTERPRET_BLOCK_M
         block_n = block_n or INTERPRET_BLOCK_N
         grid = (triton.cdiv(Nq, block_m), B * H)
-        _attn_fwd_kernel[grid](*args, **meta, BLOCK_M=block_m, BLOCK_N=block_n, USE_TMA=tma_ok)
+        with quiet_interpreter():
+            _attn_fwd_kernel[grid](*args, **meta, BLOCK_M=block_m, BLOCK_N=block_n, USE_TMA=tma_ok)
     else:
         grid = lambda META: (triton.cdiv(Nq, META["BLOCK_M"]), B * H)  # noqa: E731
         _attn_fwd_tuned[grid](*args, **meta)
