@@ -66,11 +66,11 @@ def test_gpu_matches_float64_and_sdpa(B, H, Hkv, Nq, Nk, d, causal, dtype):
 
 
 @pytest.mark.parametrize("B, H, Hkv, Nq, Nk, d, causal, dtype", [GRID[1], GRID[5], GRID[8], GRID[14]])
-def test_gpu_pointer_loads(B, H, Hkv, Nq, Nk, d, causal, dtype, monkeypatch):
-    """K_j, V_j through masked pointer loads instead of tensor descriptors."""
-    monkeypatch.setattr(configs, "USE_TENSOR_DESCRIPTORS", False)
+def test_gpu_pointer_loads(B, H, Hkv, Nq, Nk, d, causal, dtype):
+    """K_j, V_j through masked pointer loads only, then through tensor descriptors only."""
     q, k, v = cuda_qkv(B, H, Hkv, Nq, Nk, d, dtype, seed=Nq + Nk + d)
-    check_forward(q, k, v, causal=causal, tol=GPU_TOL, lse_atol=1e-3)
+    check_forward(q, k, v, causal=causal, tol=GPU_TOL, lse_atol=1e-3, use_tma=False)
+    check_forward(q, k, v, causal=causal, tol=GPU_TOL, lse_atol=1e-3, use_tma=True)
 
 
 def test_gpu_unaligned_rows_fall_back_to_pointers():

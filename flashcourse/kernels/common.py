@@ -39,20 +39,11 @@ def dot_args(dtype: torch.dtype) -> dict:
 
 
 @triton.jit
-def dot(a, b, acc, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """acc + a @ b with float32 accumulation; UPCAST multiplies in float32 (bfloat16 in the interpreter)."""
-    if UPCAST:
-        a = a.to(tl.float32)
-        b = b.to(tl.float32)
-    return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
-
-
-@triton.jit
 def to_dtype(x, dtype: tl.constexpr):
     """The float32 tile x as ``dtype``, rounded to nearest (ties to even) on the GPU and in the interpreter.
 
-    Every narrowing cast of the kernels goes through here: P and dS before their dots, and the
-    stores of O, dQ, dK, dV.
+    Every narrowing cast of the kernels goes through here: P and dS before their dots (in ``dot``),
+    and the stores of O, dQ, dK, dV.
     """
     if ROUND_BF16_BY_HAND and dtype == tl.bfloat16:
         bits = x.to(tl.uint32, bitcast=True)
@@ -63,6 +54,21 @@ def to_dtype(x, dtype: tl.constexpr):
         return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
     else:
         return x.to(dtype)
+
+
+@triton.jit
+def dot(a, b, acc, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """acc + a @ b with float32 accumulation (acc None: a fresh float32 tile).
+
+    A float32 tile ``a`` (P or dS) is first rounded to b's dtype with ``to_dtype``, as the tensor
+    cores multiply two tiles of one dtype; UPCAST multiplies in float32 (bfloat16 in the interpreter).
+    """
+    if a.dtype != b.dtype:
+        a = to_dtype(a, b.dtype)
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
 
 
 def quiet_interpreter():
