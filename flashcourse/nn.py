@@ -62,7 +62,29 @@ def _no_varlen(**lengths) -> None:
         )
 
 
-class FlashSelfAttention(nn.Module):
+class _FlashModule(nn.Module):
+    """What flash-attn's two attention modules share: the options, kept as attributes."""
+
+    def __init__(self, causal, softmax_scale, attention_dropout, window_size, alibi_slopes, deterministic):
+        super().__init__()
+        self.causal = causal
+        self.softmax_scale = softmax_scale
+        self.drop = nn.Dropout(attention_dropout)
+        self.register_buffer("alibi_slopes", alibi_slopes, persistent=False)
+        self.window_size = window_size
+        self.deterministic = deterministic
+
+    def _options(self, causal: Optional[bool]) -> dict:
+        """The keyword arguments of the flash-attn functions for this call (dropout in training only)."""
+        return dict(dropout_p=self.drop.p if self.training else 0.0, softmax_scale=self.softmax_scale,
+                    causal=self.causal if causal is None else causal, window_size=self.window_size,
+                    alibi_slopes=self.alibi_slopes, deterministic=self.deterministic)
+
+    def extra_repr(self) -> str:
+        return f"causal={self.causal}, softmax_scale={self.softmax_scale}, window_size={self.window_size}"
+
+
+class FlashSelfAttention(_FlashModule):
     """flash-attn's ``FlashSelfAttention`` (``flash_attn.modules.mha``): softmax attention on a packed
     qkv (B, N, 3, H, d) -> (B, N, H, d), with no parameters of its own.
 
@@ -74,50 +96,24 @@ class FlashSelfAttention(nn.Module):
 
     def __init__(self, causal=False, softmax_scale=None, attention_dropout=0.0, window_size=(-1, -1),
                  alibi_slopes=None, deterministic=False):
-        super().__init__()
-        self.causal = causal
-        self.softmax_scale = softmax_scale
-        self.drop = nn.Dropout(attention_dropout)
-        self.register_buffer("alibi_slopes", alibi_slopes, persistent=False)
-        self.window_size = window_size
-        self.deterministic = deterministic
+        super().__init__(causal, softmax_scale, attention_dropout, window_size, alibi_slopes, deterministic)
 
     def forward(self, qkv, causal=None, cu_seqlens=None, max_seqlen=None):
         _no_varlen(cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
-        return flash_attn_qkvpacked_func(
-            qkv, self.drop.p if self.training else 0.0, softmax_scale=self.softmax_scale,
-            causal=self.causal if causal is None else causal, window_size=self.window_size,
-            alibi_slopes=self.alibi_slopes, deterministic=self.deterministic,
-        )
-
-    def extra_repr(self) -> str:
-        return f"causal={self.causal}, softmax_scale={self.softmax_scale}, window_size={self.window_size}"
+        return flash_attn_qkvpacked_func(qkv, **self._options(causal))
 
 
-class FlashCrossAttention(nn.Module):
+class FlashCrossAttention(_FlashModule):
     """flash-attn's ``FlashCrossAttention``: softmax attention of q (B, Nq, H, d) over a packed
     kv (B, Nk, 2, Hkv, d) -> (B, Nq, H, d). Arguments as in ``FlashSelfAttention``."""
 
     def __init__(self, causal=False, softmax_scale=None, attention_dropout=0.0, alibi_slopes=None,
                  window_size=(-1, -1), deterministic=False):
-        super().__init__()
-        self.causal = causal
-        self.softmax_scale = softmax_scale
-        self.drop = nn.Dropout(attention_dropout)
-        self.register_buffer("alibi_slopes", alibi_slopes, persistent=False)
-        self.window_size = window_size
-        self.deterministic = deterministic
+        super().__init__(causal, softmax_scale, attention_dropout, window_size, alibi_slopes, deterministic)
 
     def forward(self, q, kv, causal=None, cu_seqlens=None, max_seqlen=None, cu_seqlens_k=None, max_seqlen_k=None):
         _no_varlen(cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, cu_seqlens_k=cu_seqlens_k, max_seqlen_k=max_seqlen_k)
-        return flash_attn_kvpacked_func(
-            q, kv, self.drop.p if self.training else 0.0, softmax_scale=self.softmax_scale,
-            causal=self.causal if causal is None else causal, window_size=self.window_size,
-            alibi_slopes=self.alibi_slopes, deterministic=self.deterministic,
-        )
-
-    def extra_repr(self) -> str:
-        return f"causal={self.causal}, softmax_scale={self.softmax_scale}, window_size={self.window_size}"
+        return flash_attn_kvpacked_func(q, kv, **self._options(causal))
 
 
 # the course's earlier name for the self-attention module

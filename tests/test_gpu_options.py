@@ -14,21 +14,13 @@ import torch
 from flashcourse import flash_attention
 from flash_reference import max_error, reference_attention
 from helpers import make_qkv
-from test_flash_options import HEADS, check_accuracy
+from test_flash_options import HEADS, OPTIONS as CPU_OPTIONS, check_accuracy
 
 pytestmark = pytest.mark.gpu
 
-# windows scaled to N ~ 1000; "H" / "BH": ALiBi slopes of shape (H,) / (B, H)
-OPTIONS = {
-    "window-left": dict(window_size=(256, -1)),
-    "window-right": dict(window_size=(-1, 100)),
-    "window-both": dict(window_size=(200, 50)),
-    "window-0-0": dict(window_size=(0, 0)),
-    "softcap": dict(softcap=2.0),
-    "alibi-H": dict(alibi_slopes="H"),
-    "alibi-BH": dict(alibi_slopes="BH"),
-    "dropout": dict(dropout_p=0.17),
-}
+# the options of the CPU tests with windows 25 times wider, for N ~ 1000
+OPTIONS = {name: {k: tuple(25 * w if w > 0 else w for w in v) if k == "window_size" else v for k, v in opts.items()}
+           for name, opts in CPU_OPTIONS.items()}
 LENGTHS = {"equal": (1000, 1000), "q<k": (300, 1024), "q>k": (1024, 300)}
 
 

@@ -30,7 +30,7 @@ import triton.language as tl
 from .._checks import check_attention_inputs, check_like
 from .common import check_kernel_device, dot, dot_args, load_tile, store_tile, to_dtype
 from .configs import PREPROCESS_BLOCK_M, KernelConfig, autotuned, launch, length_bucket
-from .scores import LOG2E, dropout_keep, key_range, query_range, score_args, scores
+from .scores import LOG2E, dropout_keep, key_range, query_range, score_args, score_constants, scores
 
 
 @triton.jit
@@ -140,12 +140,6 @@ def _dkdv_kernel(Q, K, V, dO, dK, dV, L, Delta,
     V_j = load_tile(V + b * stride_vb + hkv * stride_vh, offs_n, offs_d, stride_vn, stride_vd, Nk, HEAD_DIM)
     dK_j = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dV_j = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    qk_scale = scale * LOG2E
-    seed = 0
-    philox_offset = 0
-    if DROPOUT:
-        seed = tl.load(RNG)
-        philox_offset = tl.load(RNG + 1)
     # query blocks [mid_lo, mid_hi) see the whole key block; [lo, mid_lo) cross the window's right edge
     # (the causal diagonal), [mid_hi, hi) its left edge; the others see none of it and are skipped
     lo, mid_lo, mid_hi, hi = query_range(start_n, Nq, offset, left, right, BLOCK_M, BLOCK_N, LEFT_LIMIT, RIGHT_LIMIT)
@@ -156,9 +150,8 @@ def _dkdv_kernel(Q, K, V, dO, dK, dV, L, Delta,
         dO_h = dO + b * stride_dob + h * stride_doh
         L_h = L + (b * H + h) * Nq
         Delta_h = Delta + (b * H + h) * Nq
-        slope_log2 = 0.0
-        if ALIBI:
-            slope_log2 = tl.load(SLOPES + b * stride_slope_b + h * stride_slope_h) * LOG2E
+        qk_scale, slope_log2, seed, philox_offset = score_constants(SLOPES, stride_slope_b, stride_slope_h, RNG,
+                                                                    b, h, scale, ALIBI, DROPOUT)
         if RIGHT_LIMIT:
             dK_j, dV_j = _dkdv_tiles(dK_j, dV_j, K_j, V_j, Q_h, dO_h, L_h, Delta_h,
                                      stride_qm, stride_qd, stride_dom, stride_dod,
@@ -253,15 +246,8 @@ def _dq_kernel(Q, K, V, dO, dQ, L, Delta,
     L_i, D_i = _row_stats(L + (b * H + h) * Nq, Delta + (b * H + h) * Nq, offs_m, Nq)
     K_h = K + b * stride_kb + hkv * stride_kh
     V_h = V + b * stride_vb + hkv * stride_vh
-    qk_scale = scale * LOG2E
-    slope_log2 = 0.0
-    if ALIBI:
-        slope_log2 = tl.load(SLOPES + b * stride_slope_b + h * stride_slope_h) * LOG2E
-    seed = 0
-    philox_offset = 0
-    if DROPOUT:
-        seed = tl.load(RNG)
-        philox_offset = tl.load(RNG + 1)
+    qk_scale, slope_log2, seed, philox_offset = score_constants(SLOPES, stride_slope_b, stride_slope_h, RNG, b, h,
+                                                                scale, ALIBI, DROPOUT)
     # key blocks [mid_lo, mid_hi) are seen whole by every row of the block; [lo, mid_lo) and [mid_hi, hi)
     # need the mask; the others are never visited
     lo, mid_lo, mid_hi, hi = key_range(start_m, Nk, offset, left, right, BLOCK_M, BLOCK_N, LEFT_LIMIT, RIGHT_LIMIT)

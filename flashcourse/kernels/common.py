@@ -22,11 +22,16 @@ from .._env import INTERPRET
 ROUND_BF16_BY_HAND: tl.constexpr = tl.constexpr(INTERPRET)
 
 
+def upcast_dots(dtype: torch.dtype) -> bool:
+    """Whether ``dot`` must upcast its operands to float32 for tensors of this dtype: the interpreter's
+    ``tl.dot`` is wrong for bfloat16 operands; on a GPU the tensor cores take bfloat16 directly."""
+    return INTERPRET and dtype == torch.bfloat16
+
+
 def dot_args(dtype: torch.dtype) -> dict:
     """The compile-time arguments of ``dot`` for q, k, v of this dtype: ``UPCAST`` and ``DOT_PRECISION``.
 
-    UPCAST: the interpreter's ``tl.dot`` is wrong for bfloat16 operands, so they are multiplied in
-    float32 there; on a GPU the tensor cores take bfloat16 directly.
+    UPCAST: ``upcast_dots(dtype)``.
 
     DOT_PRECISION (the float32 contract): float32 tiles are multiplied as PyTorch's own float32
     matmuls are, following ``torch.get_float32_matmul_precision()``: "highest" (PyTorch's default)
@@ -35,7 +40,7 @@ def dot_args(dtype: torch.dtype) -> dict:
     for them). The value is part of every kernel's compile and autotuning key.
     """
     ieee = dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest"
-    return dict(UPCAST=INTERPRET and dtype == torch.bfloat16, DOT_PRECISION="ieee" if ieee else "tf32")
+    return dict(UPCAST=upcast_dots(dtype), DOT_PRECISION="ieee" if ieee else "tf32")
 
 
 @triton.jit

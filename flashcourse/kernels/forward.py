@@ -26,7 +26,7 @@ import triton.language as tl
 from .._env import INTERPRET
 from .common import check_kernel_device, dot, dot_args, load_tile, store_tile, to_dtype
 from .configs import INTERPRET_CONFIGS, KernelConfig, autotuned, launch, length_bucket, pinned, tma_compatible
-from .scores import LOG2E, dropout_keep, key_range, score_args, scores
+from .scores import dropout_keep, key_range, score_args, score_constants, scores
 
 LN_2: tl.constexpr = tl.constexpr(0.6931471805599453)  # ln 2 = 1 / log2(e)
 MAX_HEAD_DIM = 256
@@ -180,15 +180,8 @@ def _attn_fwd_kernel(
         K_src = K_head
         V_src = V_head
 
-    qk_scale = scale * LOG2E
-    slope_log2 = 0.0
-    if ALIBI:
-        slope_log2 = tl.load(SLOPES + b * stride_slope_b + h * stride_slope_h) * LOG2E
-    seed = 0
-    philox_offset = 0
-    if DROPOUT:
-        seed = tl.load(RNG)
-        philox_offset = tl.load(RNG + 1)
+    qk_scale, slope_log2, seed, philox_offset = score_constants(SLOPES, stride_slope_b, stride_slope_h, RNG, b, h,
+                                                                scale, ALIBI, DROPOUT)
 
     # m_i = −inf, l_i = 0, acc_i = 0
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)

@@ -88,6 +88,22 @@ def score_args(q, Nq, Nk, *, scale, causal, window_size=(-1, -1), softcap=0.0,
 
 
 @triton.jit
+def score_constants(SLOPES, stride_slope_b, stride_slope_h, RNG, b, h, scale, ALIBI: tl.constexpr,
+                    DROPOUT: tl.constexpr):
+    """The per-head constants of ``scores`` and ``dropout_keep`` for batch b, query head h:
+    (scale · log2 e, slope_h · log2 e, seed, philox_offset); 0 for an option that is off."""
+    slope_log2 = 0.0
+    if ALIBI:
+        slope_log2 = tl.load(SLOPES + b * stride_slope_b + h * stride_slope_h) * LOG2E
+    seed = 0
+    philox_offset = 0
+    if DROPOUT:
+        seed = tl.load(RNG)
+        philox_offset = tl.load(RNG + 1)
+    return scale * LOG2E, slope_log2, seed, philox_offset
+
+
+@triton.jit
 def _tanh(x):
     """tanh x = 1 − 2 / (e^(2x) + 1): ±1 at ±inf, NaN stays NaN (portable: no libdevice call)."""
     return 1.0 - 2.0 / (tl.math.exp2(x * (2.0 * LOG2E)) + 1.0)
