@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._checks import causal_mask
-from .flash_attn_interface import check_bnhd, flash_attn_func, flash_attn_kvpacked_func, flash_attn_qkvpacked_func
+from .flash_attn_interface import check_bnhd, flash_attn_kvpacked_func, flash_attn_qkvpacked_func
+from .flash_attn_interface import flash_attn_func  # noqa: F401  (re-exported: flashcourse.nn.flash_attn_func)
 from .ops import flash_attention
 from .reference import naive_attention
 from .tiled import tiled_attention

@@ -162,8 +162,8 @@ def test_cross_attention_module(device):
     (dict(causal=1), TypeError, "causal must be True or False"),
     (dict(return_attn_probs=None), TypeError, "return_attn_probs must be True or False"),
 ])
-def test_bad_options_are_explained(kwargs, error, match):
-    q, k, v = bnhd(*make_qkv(1, 2, 2, 8, 8, 16, dtype=torch.float16))
+def test_bad_options_are_explained(kwargs, error, match, device):
+    q, k, v = bnhd(*make_qkv(1, 2, 2, 8, 8, 16, dtype=torch.float16, device=device))
     with pytest.raises(error, match=match):
         flash_attn_func(q, k, v, **kwargs)
 

@@ -3,7 +3,6 @@ resource model, pinned configurations that are used exactly."""
 
 import pytest
 import torch
-import triton
 
 from flashcourse import INTERPRET
 from flashcourse.kernels import configs
