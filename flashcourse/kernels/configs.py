@@ -81,6 +81,9 @@ CANDIDATES = {
     },
 }
 
+# the forward kernel's candidates (chapter 04's notebook plots their budgets)
+HOPPER_SHAPES = CANDIDATES["forward"]
+
 # What a program keeps on chip, in rows of d elements: tiles resident for the whole program, tiles
 # streamed once per pipeline stage, and float32 accumulator rows (in registers).
 #   forward: Q_i resident; K_j, V_j streamed; acc_i          (B_r × d)
@@ -88,6 +91,14 @@ CANDIDATES = {
 #   dQ:      Q_i, dO_i resident; K_j, V_j streamed; dQ_i       (B_r × d)
 SHARED_MEMORY_BYTES = 232448  # the per-block limit of an H100
 ACCUMULATOR_REGISTERS = 128  # of a thread's 255 registers, at most this many hold accumulators
+
+
+def _kernel_config(config) -> KernelConfig:
+    """A ``KernelConfig`` from itself or from the ``triton.Config`` the autotuner holds."""
+    if isinstance(config, triton.Config):
+        kw = config.kwargs
+        return KernelConfig(kw["BLOCK_M"], kw["BLOCK_N"], config.num_warps, config.num_stages, kw.get("USE_TMA"))
+    return KernelConfig(*config)
 
 
 def _rows(kernel: str, c: KernelConfig) -> tuple[int, int, int]:
@@ -99,12 +110,21 @@ def _rows(kernel: str, c: KernelConfig) -> tuple[int, int, int]:
     return 2 * c.block_m, 2 * c.block_n, c.block_m
 
 
-def fits(kernel: str, c: KernelConfig, block_d: int, element_size: int) -> bool:
+def shared_bytes(config, block_d: int, element_size: int, kernel: str = "forward") -> int:
+    """Shared memory of one program: its resident tiles and ``num_stages`` buffers of the streamed ones
+    (forward: e · d · (B_r + 2 · stages · B_c), what Triton allocates). ``config``: a ``KernelConfig``
+    or a ``triton.Config``."""
+    c = _kernel_config(config)
+    resident, streamed, _ = _rows(kernel, c)
+    return element_size * block_d * (resident + c.num_stages * streamed)
+
+
+def fits(kernel: str, config, block_d: int, element_size: int) -> bool:
     """Whether a program of this configuration fits in an H100's shared memory and registers."""
-    resident, streamed, accumulated = _rows(kernel, c)
-    shared = element_size * block_d * (resident + c.num_stages * streamed)
+    c = _kernel_config(config)
+    accumulated = _rows(kernel, c)[2]
     registers = accumulated * block_d / (32 * c.num_warps)
-    return shared <= SHARED_MEMORY_BYTES and registers <= ACCUMULATOR_REGISTERS
+    return shared_bytes(c, block_d, element_size, kernel) <= SHARED_MEMORY_BYTES and registers <= ACCUMULATOR_REGISTERS
 
 
 def tma_compatible(*tensors: torch.Tensor) -> bool:
@@ -145,11 +165,10 @@ def _pruner(kernel: str):
         block_d, element_size = args["BLOCK_D"], args["Q"].element_size()
         listed = CANDIDATES[kernel][(min(d for d, _ in CANDIDATES[kernel] if d >= block_d), element_size)]
         tma_mode = args.get("TMA_MODE", 0)
+        tma_wanted = {0: (False,), 1: (False, True), 2: (True,)}[tma_mode]
         kept = []
         for config in configs:
-            kw = config.kwargs
-            c = KernelConfig(kw["BLOCK_M"], kw["BLOCK_N"], config.num_warps, config.num_stages, kw.get("USE_TMA"))
-            tma_wanted = {0: (False,), 1: (False, True), 2: (True,)}[tma_mode]
+            c = _kernel_config(config)
             if c[:4] in listed and bool(c.use_tma) in tma_wanted and fits(kernel, c, block_d, element_size):
                 kept.append(config)
         return kept
