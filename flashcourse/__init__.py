@@ -10,7 +10,8 @@ from .reference import naive_attention, naive_attention_backward
 from .softmax import SoftmaxState, merge_states, online_softmax, safe_softmax
 from .tiled import tiled_attention, tiled_attention_backward, tiled_attention_forward
 from .ops import flash_attention
-from .nn import FlashAttention, MultiHeadAttention, flash_attn_func
+from .flash_attn_interface import flash_attn_func, flash_attn_kvpacked_func, flash_attn_qkvpacked_func
+from .nn import FlashAttention, FlashCrossAttention, FlashSelfAttention, MultiHeadAttention
 from .grading import check
 
 __version__ = "0.1.0"

@@ -162,3 +162,68 @@ def reduce_kv(t: torch.Tensor, Hkv: int) -> torch.Tensor:
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype the PyTorch implementations compute in: float64 stays, everything else float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ------------------------------------------------------------------------------------------------
+# flash-attn's score options: window_size, softcap, alibi_slopes, dropout_p (flashcourse.flash_attention
+# and flashcourse.flash_attn_interface check them once, here)
+
+
+def check_window_size(window_size) -> tuple[int, int]:
+    """flash-attn's ``window_size = (left, right)``: two ints >= -1, where -1 means no limit on that side.
+
+    Query i sees key j when i + Nk - Nq - left <= j <= i + Nk - Nq + right. Integer tensors of one
+    element are taken too (flash-attn's tests draw windows with ``torch.randint``).
+    """
+    hint = "(left, right), two ints >= -1, -1 for no limit on that side, e.g. window_size=(256, 0)"
+    if isinstance(window_size, (str, bytes)) or not hasattr(window_size, "__len__") or len(window_size) != 2:
+        raise ValueError(f"window_size must be {hint}; got {window_size!r}")
+    sizes = []
+    for side, w in zip(("left", "right"), window_size):
+        if isinstance(w, torch.Tensor) and w.numel() == 1 and not w.is_floating_point() and w.dtype != torch.bool:
+            w = w.item()
+        if isinstance(w, bool) or not isinstance(w, numbers.Integral):
+            raise TypeError(f"window_size must be {hint}; its {side} size is {w!r} ({type(w).__name__})")
+        w = int(w)
+        if w < -1:
+            raise ValueError(f"window_size must be {hint}; its {side} size is {w}")
+        sizes.append(w)
+    return sizes[0], sizes[1]
+
+
+def check_softcap(softcap) -> float:
+    """``softcap``: scores become cap · tanh(score / cap) for a cap > 0; 0 switches it off."""
+    if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real):
+        raise TypeError(f"softcap must be a number >= 0 (0 switches soft-capping off), got {softcap!r}")
+    softcap = float(softcap)
+    if not math.isfinite(softcap) or softcap < 0:
+        raise ValueError(f"softcap must be a finite number >= 0 (0 switches soft-capping off), got {softcap}")
+    return softcap
+
+
+def check_dropout_p(dropout_p) -> float:
+    """``dropout_p``: the probability that an attention weight is dropped, 0 <= p < 1."""
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real):
+        raise TypeError(f"dropout_p must be a number in [0, 1), the probability of dropping a weight, got {dropout_p!r}")
+    dropout_p = float(dropout_p)
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(
+            f"dropout_p must be in [0, 1), got {dropout_p} (set it to 0.0 for evaluation; 1.0 would drop everything)"
+        )
+    return dropout_p
+
+
+def check_alibi_slopes(alibi_slopes, B: int, H: int, device) -> Optional[torch.Tensor]:
+    """ALiBi slopes: None, or a float32 tensor of shape (H,) or (B, H) on the device of q."""
+    if alibi_slopes is None:
+        return None
+    want = f"a float32 tensor of shape (H,) = ({H},) or (B, H) = ({B}, {H})"
+    if not isinstance(alibi_slopes, torch.Tensor):
+        raise TypeError(f"alibi_slopes must be {want}, got {type(alibi_slopes).__name__}")
+    if tuple(alibi_slopes.shape) not in ((H,), (B, H)):
+        raise ValueError(f"alibi_slopes must be {want}, got shape {tuple(alibi_slopes.shape)}")
+    if alibi_slopes.dtype != torch.float32:
+        raise TypeError(f"alibi_slopes must be {want}, got {alibi_slopes.dtype}; convert it with .float()")
+    if alibi_slopes.device != torch.device(device):
+        raise ValueError(f"alibi_slopes is on {alibi_slopes.device} but q is on {device}; move it with .to(q.device)")
+    return alibi_slopes

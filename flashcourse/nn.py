@@ -1,7 +1,9 @@
 """The layers a user reaches for: FlashAttention inside ``nn.Module``s (chapter 08).
 
-- ``flash_attn_func(q, k, v)``: the flash-attn package's function, layout (B, N, H, d).
-- ``FlashAttention``: the flash-attn style module on a packed ``qkv`` of shape (B, N, 3, H, d).
+- ``flash_attn_func(q, k, v)``: the flash-attn package's function, layout (B, N, H, d) (from
+  ``flashcourse.flash_attn_interface``, with its packed variants).
+- ``FlashSelfAttention`` (alias ``FlashAttention``) on a packed ``qkv`` of shape (B, N, 3, H, d), and
+  ``FlashCrossAttention`` on q and a packed ``kv``: flash-attn's ``flash_attn.modules.mha`` modules.
 - ``MultiHeadAttention``: projections + attention, ``forward(x: (B, N, E)) -> (B, N, E)``, with a
   choice of backend ("flash", "tiled", "naive", "sdpa") so that one model can run on each of them.
 
@@ -16,6 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._checks import causal_mask
+from .flash_attn_interface import check_bnhd, flash_attn_kvpacked_func, flash_attn_qkvpacked_func
+from .flash_attn_interface import flash_attn_func  # noqa: F401  (re-exported: flashcourse.nn.flash_attn_func)
 from .ops import flash_attention
 from .reference import naive_attention
 from .tiled import tiled_attention
@@ -46,64 +50,75 @@ def _attention_bnhd(q, k, v, *, causal: bool, scale: Optional[float], backend: s
     The result is a transposed view of the backend's (B, H, Nq, d) output; ``.reshape`` flattens it.
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor) or t.dim() != 4:
-            got = f"shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
-            raise ValueError(f"{name} must be a 4-d tensor in the flash-attn layout (B, N, H, d), got {got}")
+        check_bnhd(name, t)
     attention = _backend(backend)
     return attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=causal, scale=scale).transpose(1, 2)
 
 
-def flash_attn_func(q, k, v, *, causal: bool = False, softmax_scale: Optional[float] = None):
-    """FlashAttention in the flash-attn package's layout, for drop-in use.
-
-    q: (B, Nq, H, d); k, v: (B, Nk, Hkv, d) with H % Hkv == 0. Returns O (B, Nq, H, d), a
-    transposed view (use ``.reshape``, not ``.view``, to flatten the heads). Causal masking is
-    bottom-right aligned, as in flash-attn >= 2.1. Differentiable with respect to q, k and v.
-    """
-    return _attention_bnhd(q, k, v, causal=causal, scale=softmax_scale, backend="flash")
+def _no_varlen(**lengths) -> None:
+    if any(v is not None for v in lengths.values()):
+        raise NotImplementedError(
+            f"variable-length batches ({', '.join(lengths)}) are not supported yet: pad the batch to (B, N, ...) "
+            f"and mask the padding, or call once per sequence"
+        )
 
 
-def _packed_qkv_hint(shape) -> str:
-    """How to turn a wrongly shaped packed tensor into (B, N, 3, H, d)."""
-    if len(shape) == 3 and shape[-1] % 3 == 0:
-        return (f"a (B, N, 3·E) output of one Linear(E, 3·E) layer splits with "
-                f"qkv.view(B, N, 3, H, {shape[-1] // 3} // H) for H heads")
-    if len(shape) == 4 and shape[2] == 3:
-        return f"split the heads with qkv.view(B, N, 3, H, {shape[-1]} // H) for H heads"
-    if len(shape) == 5 and 3 in shape:
-        dim = list(shape).index(3)
-        return (f"the q/k/v axis looks like dimension {dim}. If qkv stacks q, k, v along it, move it with "
-                f"qkv.movedim({dim}, 2); if it is a Linear(E, 3·E) output viewed with the 3 in the wrong place, "
-                f"its features are ordered (3, H, d): view that output as (B, N, 3, H, d) instead")
-    return "stack q, k, v of shape (B, N, H, d) with torch.stack([q, k, v], dim=2)"
+class _FlashModule(nn.Module):
+    """What flash-attn's two attention modules share: the options, kept as attributes."""
 
-
-class FlashAttention(nn.Module):
-    """Self-attention on a packed ``qkv`` (B, N, 3, H, d) -> (B, N, H, d), as in the flash-attn package.
-
-    ``causal`` may be overridden per call. There are no parameters: the projections that produce
-    qkv belong to the caller (see ``MultiHeadAttention``).
-    """
-
-    def __init__(self, causal: bool = False, softmax_scale: Optional[float] = None):
+    def __init__(self, causal, softmax_scale, attention_dropout, window_size, alibi_slopes, deterministic):
         super().__init__()
         self.causal = causal
         self.softmax_scale = softmax_scale
+        self.drop = nn.Dropout(attention_dropout)
+        self.register_buffer("alibi_slopes", alibi_slopes, persistent=False)
+        self.window_size = window_size
+        self.deterministic = deterministic
 
-    def forward(self, qkv: torch.Tensor, causal: Optional[bool] = None) -> torch.Tensor:
-        if not isinstance(qkv, torch.Tensor):
-            raise TypeError(f"qkv must be a torch.Tensor of shape (B, N, 3, H, d), got {type(qkv).__name__}")
-        if qkv.dim() != 5 or qkv.shape[2] != 3:
-            raise ValueError(
-                f"FlashAttention takes a packed qkv of shape (B, N, 3, H, d), got {tuple(qkv.shape)}; "
-                f"{_packed_qkv_hint(tuple(qkv.shape))}"
-            )
-        q, k, v = qkv.unbind(dim=2)
-        causal = self.causal if causal is None else causal
-        return flash_attn_func(q, k, v, causal=causal, softmax_scale=self.softmax_scale)
+    def _options(self, causal: Optional[bool]) -> dict:
+        """The keyword arguments of the flash-attn functions for this call (dropout in training only)."""
+        return dict(dropout_p=self.drop.p if self.training else 0.0, softmax_scale=self.softmax_scale,
+                    causal=self.causal if causal is None else causal, window_size=self.window_size,
+                    alibi_slopes=self.alibi_slopes, deterministic=self.deterministic)
 
     def extra_repr(self) -> str:
-        return f"causal={self.causal}, softmax_scale={self.softmax_scale}"
+        return f"causal={self.causal}, softmax_scale={self.softmax_scale}, window_size={self.window_size}"
+
+
+class FlashSelfAttention(_FlashModule):
+    """flash-attn's ``FlashSelfAttention`` (``flash_attn.modules.mha``): softmax attention on a packed
+    qkv (B, N, 3, H, d) -> (B, N, H, d), with no parameters of its own.
+
+    ``attention_dropout`` applies in training mode only (``module.train()``); ``causal`` may be
+    overridden per call. The other arguments are those of ``flash_attn_qkvpacked_func``; the slopes
+    are a buffer (they follow ``.to(device)``), and ``deterministic`` changes nothing: the backward is
+    always deterministic.
+    """
+
+    def __init__(self, causal=False, softmax_scale=None, attention_dropout=0.0, window_size=(-1, -1),
+                 alibi_slopes=None, deterministic=False):
+        super().__init__(causal, softmax_scale, attention_dropout, window_size, alibi_slopes, deterministic)
+
+    def forward(self, qkv, causal=None, cu_seqlens=None, max_seqlen=None):
+        _no_varlen(cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+        return flash_attn_qkvpacked_func(qkv, **self._options(causal))
+
+
+class FlashCrossAttention(_FlashModule):
+    """flash-attn's ``FlashCrossAttention``: softmax attention of q (B, Nq, H, d) over a packed
+    kv (B, Nk, 2, Hkv, d) -> (B, Nq, H, d). Arguments as in ``FlashSelfAttention``."""
+
+    def __init__(self, causal=False, softmax_scale=None, attention_dropout=0.0, alibi_slopes=None,
+                 window_size=(-1, -1), deterministic=False):
+        super().__init__(causal, softmax_scale, attention_dropout, window_size, alibi_slopes, deterministic)
+
+    def forward(self, q, kv, causal=None, cu_seqlens=None, max_seqlen=None, cu_seqlens_k=None, max_seqlen_k=None):
+        _no_varlen(cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, cu_seqlens_k=cu_seqlens_k, max_seqlen_k=max_seqlen_k)
+        return flash_attn_kvpacked_func(q, kv, **self._options(causal))
+
+
+# the course's earlier name for the self-attention module
+FlashAttention = FlashSelfAttention
 
 
 class MultiHeadAttention(nn.Module):

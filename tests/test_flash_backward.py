@@ -133,14 +133,3 @@ def test_loss_sum_gives_a_broadcast_grad_output():
     _, _, refs = _reference(q, k, v, torch.ones(1, 2, 17, 16), True)
     for name, g, ref in zip(("dq", "dk", "dv"), grads, refs):
         assert _error(g, ref) < TOL[torch.float32], f"{name}: error {_error(g, ref):.2e}"
-
-
-def test_gpu_autotune_pruner_keeps_what_fits_on_chip():
-    from flashcourse.kernels.backward import _configs, _fitting
-
-    configs = _configs([(128, 128, 4, 4), (64, 128, 8, 3), (32, 64, 4, 2), (16, 32, 4, 2)])
-    fp16, fp32 = torch.empty(1, dtype=torch.float16), torch.empty(1, dtype=torch.float32)
-    kept = _fitting("dkdv")(configs, {"Q": fp16}, D_PAD=128)
-    assert [c.kwargs["BLOCK_M"] for c in kept] == [64, 32, 16]  # (128, 128, 4 warps): 256 registers of dK, dV
-    assert [c.kwargs["BLOCK_M"] for c in _fitting("dkdv")(configs, {"Q": fp32}, D_PAD=256)] == [16]
-    assert len(_fitting("dq")(configs[:1], {"Q": fp32}, D_PAD=256)) == 1  # nothing fits: the smallest is kept

@@ -67,11 +67,12 @@ def test_matches_float64_reference(Nq, Nk, d, causal, H, Hkv, dtype):
 
 
 @pytest.mark.parametrize("Nq, Nk, d, causal, H, Hkv, dtype", [GRID[4], GRID[8], GRID[11], GRID[14]])
-def test_pointer_loads_match_too(Nq, Nk, d, causal, H, Hkv, dtype, monkeypatch):
-    """The grid above loads K_j, V_j through tensor descriptors; the masked-pointer path must agree."""
-    monkeypatch.setattr(configs, "USE_TENSOR_DESCRIPTORS", False)
+def test_pointer_loads_match_too(Nq, Nk, d, causal, H, Hkv, dtype):
+    """The grid above loads K_j, V_j through tensor descriptors where it can; masked pointers must agree."""
     q, k, v = make_qkv(B=1, H=H, Hkv=Hkv, Nq=Nq, Nk=Nk, d=d, dtype=dtype, seed=Nq + Nk + d)
-    check_forward(q, k, v, causal=causal)
+    assert configs.tma_compatible(k, v)
+    check_forward(q, k, v, causal=causal, use_tma=False)
+    check_forward(q, k, v, causal=causal, use_tma=True)
 
 
 def test_unaligned_rows_fall_back_to_pointers():
@@ -79,6 +80,8 @@ def test_unaligned_rows_fall_back_to_pointers():
     q, k, v = make_qkv(B=1, H=2, Nq=33, Nk=33, d=20, dtype=torch.float16, seed=8)
     assert not configs.tma_compatible(k)
     check_forward(q, k, v, causal=True)
+    with pytest.raises(ValueError, match="use_tma=True needs"):
+        attention_forward(q, k, v, causal=True, scale=0.25, use_tma=True)
 
 
 @pytest.mark.parametrize("causal", [False, True])

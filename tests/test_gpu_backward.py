@@ -15,7 +15,8 @@ from helpers import make_qkv, rel_err
 
 pytestmark = pytest.mark.gpu
 
-TOL = {torch.float16: 5e-3, torch.bfloat16: 3e-2, torch.float32: 5e-3}  # float32 dots run as tf32
+# float32 under PyTorch's default matmul precision "highest": IEEE float32 products (the package's contract)
+TOL = {torch.float16: 5e-3, torch.bfloat16: 3e-2, torch.float32: 1e-4}
 
 CASES = [  # B, H, Hkv, Nq, Nk, d, causal, dtype
     pytest.param(2, 8, 8, 1024, 1024, 64, False, torch.float16, id="N1024-d64-fp16"),

@@ -1,29 +1,89 @@
-"""What every Triton kernel of the course shares: how it runs here, and a dot that is right everywhere."""
+"""What every Triton kernel of the course shares: how it runs here, a dot and a cast that are right
+everywhere, and masked tile loads and stores.
 
+Two traps of Triton's CPU interpreter (seen with Triton 3.9) are handled here, once:
+- ``tl.dot`` multiplies the raw bit patterns of bfloat16 operands, which gives garbage: ``dot``
+  upcasts them to float32 there (``UPCAST``);
+- ``x.to(tl.bfloat16)`` truncates float32 instead of rounding to nearest even as a GPU does:
+  ``to_dtype`` rounds by bit arithmetic there.
+On a GPU both are plain ``tl.dot`` and ``.to``: the interpreter branches are compile-time constants.
+"""
+
+import contextlib
+
+import numpy as np
 import torch
 import triton
 import triton.language as tl
 
-from .._env import HAS_CUDA, INTERPRET
+from .._env import INTERPRET
+
+# float32 -> bfloat16 rounds by hand only in the interpreter (a compile-time constant of every kernel)
+ROUND_BF16_BY_HAND: tl.constexpr = tl.constexpr(INTERPRET)
 
 
 def upcast_dots(dtype: torch.dtype) -> bool:
-    """Whether ``dot`` must upcast its operands to float32 for tensors of this dtype.
-
-    Triton's CPU interpreter multiplies the raw bit patterns of bfloat16 operands in ``tl.dot``
-    (seen with Triton 3.9), which gives garbage; float32 operands are right. On a GPU the tensor
-    cores take bfloat16 directly.
-    """
+    """Whether ``dot`` must upcast its operands to float32 for tensors of this dtype: the interpreter's
+    ``tl.dot`` is wrong for bfloat16 operands; on a GPU the tensor cores take bfloat16 directly."""
     return INTERPRET and dtype == torch.bfloat16
 
 
+def dot_args(dtype: torch.dtype) -> dict:
+    """The compile-time arguments of ``dot`` for q, k, v of this dtype: ``UPCAST`` and ``DOT_PRECISION``.
+
+    UPCAST: ``upcast_dots(dtype)``.
+
+    DOT_PRECISION (the float32 contract): float32 tiles are multiplied as PyTorch's own float32
+    matmuls are, following ``torch.get_float32_matmul_precision()``: "highest" (PyTorch's default)
+    -> "ieee", exact float32 products; "high" or "medium" -> "tf32", the tensor cores' 10-bit
+    mantissa. float16 and bfloat16 products are exact either way ("tf32", Triton's default, is kept
+    for them). The value is part of every kernel's compile and autotuning key.
+    """
+    ieee = dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest"
+    return dict(UPCAST=upcast_dots(dtype), DOT_PRECISION="ieee" if ieee else "tf32")
+
+
 @triton.jit
-def dot(a, b, acc, UPCAST: tl.constexpr):
-    """acc + a @ b with float32 accumulation; UPCAST=True multiplies in float32 (interpreter bf16)."""
+def to_dtype(x, dtype: tl.constexpr):
+    """The float32 tile x as ``dtype``, rounded to nearest (ties to even) on the GPU and in the interpreter.
+
+    Every narrowing cast of the kernels goes through here: P and dS before their dots (in ``dot``),
+    and the stores of O, dQ, dK, dV.
+    """
+    if ROUND_BF16_BY_HAND and dtype == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        # round half to even at bit 16: add 0x7FFF and the lowest bit that is kept, then drop 16 bits
+        rounded = bits + 0x7FFF + ((bits >> 16) & 1)
+        # a NaN stays a (quiet) NaN: the carry could have turned its payload into inf or a sign flip
+        bits = tl.where(x != x, bits | 0x400000, rounded)
+        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return x.to(dtype)
+
+
+@triton.jit
+def dot(a, b, acc, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """acc + a @ b with float32 accumulation (acc None: a fresh float32 tile).
+
+    A float32 tile ``a`` (P or dS) is first rounded to b's dtype with ``to_dtype``, as the tensor
+    cores multiply two tiles of one dtype; UPCAST multiplies in float32 (bfloat16 in the interpreter).
+    """
+    if a.dtype != b.dtype:
+        a = to_dtype(a, b.dtype)
     if UPCAST:
         a = a.to(tl.float32)
         b = b.to(tl.float32)
-    return tl.dot(a, b, acc)
+    return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+
+def quiet_interpreter():
+    """NumPy's floating-point warnings silenced while the interpreter runs a kernel.
+
+    NaN or inf in the inputs make NumPy warn ("invalid value encountered in matmul") from inside
+    Triton's interpreter; the same arithmetic on a GPU is silent, and the NaN reaches the output
+    either way. Every kernel launch of the package runs inside this context.
+    """
+    return np.errstate(all="ignore") if INTERPRET else contextlib.nullcontext()
 
 
 def check_kernel_device(**tensors: torch.Tensor) -> None:

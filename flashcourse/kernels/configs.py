@@ -1,81 +1,236 @@
-"""Launch configurations of the forward kernel: block sizes B_r × B_c, warps, pipeline depth, loads.
+"""Launch configurations of the three attention kernels (forward, dK/dV, dQ): one table, one
+resource model, one launch function.
 
-In the CPU interpreter every program runs as Python over NumPy, so small fixed blocks keep the tests
-fast. On a GPU, ``triton.autotune`` times a few Hopper configurations once per key (head dim, causal,
-whether tensor descriptors may be used, a bucket of the sequence length, and the dtypes of the
-tensors, which Triton adds to the key itself) and reuses the fastest for every later call with the
-same key. Measurements behind these choices: benchmarks/NOTES_forward.md.
+A configuration is (B_r, B_c, warps, pipeline stages, descriptor loads): ``KernelConfig``.
+- In the CPU interpreter each kernel runs one small fixed configuration (``INTERPRET_CONFIGS``), so
+  that the tests are fast and reach the ragged edges at small N.
+- On a GPU, ``triton.autotune`` times the candidates listed in ``CANDIDATES`` for the call's head
+  dim and element size that fit on chip (``fits``), once per key (``autotuned``), and reuses the
+  fastest for every later call with the same key. Measurements behind the table:
+  benchmarks/NOTES_forward.md and benchmarks/NOTES_backward.md (H100).
+- A configuration can be pinned, the same one on every run and no autotuning: the ``config``
+  arguments of ``attention_forward`` / ``attention_backward``, or the environment variables
+  FLASHCOURSE_CONFIG_FORWARD, FLASHCOURSE_CONFIG_DKDV, FLASHCOURSE_CONFIG_DQ, e.g. "128,64,4,2,tma"
+  (B_r, B_c, warps, stages, and "tma" for descriptor loads of K_j, V_j in the forward kernel).
 """
+
+import os
+from typing import NamedTuple, Optional
 
 import torch
 import triton
 
-# Interpreter blocks: B_r != B_c on purpose, so that the CPU tests cross the causal diagonal with
-# several key blocks per query block, as the GPU configurations do.
-INTERPRET_BLOCK_M = 32
-INTERPRET_BLOCK_N = 16
+from .._env import INTERPRET
+from .common import quiet_interpreter
 
-# Load K_j and V_j through tensor descriptors (Hopper's copy engine, TMA) where the layout allows.
-# Set to False to force masked pointer loads everywhere (the tests and the benchmark compare both).
-USE_TENSOR_DESCRIPTORS = True
+
+class KernelConfig(NamedTuple):
+    """How one kernel is launched."""
+
+    block_m: int  # B_r: query rows per tile
+    block_n: int  # B_c: key rows per tile
+    num_warps: int = 4
+    num_stages: int = 2
+    # forward only: load K_j, V_j through tensor descriptors (Hopper's copy engine, TMA); None: where allowed
+    use_tma: Optional[bool] = None
+
+
+KERNELS = ("forward", "dkdv", "dq")
+
+# Interpreter blocks: B_r != B_c on purpose, so that the CPU tests cross the causal diagonal with
+# several blocks per tile, as the GPU configurations do.
+INTERPRET_CONFIGS = {
+    "forward": KernelConfig(32, 16),
+    "dkdv": KernelConfig(16, 32),
+    "dq": KernelConfig(32, 16),
+}
+# rows per program of the backward's preprocessing kernel (D_i = rowsum(dO_i ∘ O_i)), not tuned
+PREPROCESS_BLOCK_M = 32 if INTERPRET else 64
+
+# The autotuner's candidates, (B_r, B_c, warps, stages), per kernel and per (head dim padded to 64,
+# 128 or 256; bytes per element). Forward: B_r = 128 rows fill the 4-warp groups of Hopper's wgmma;
+# each shape is also tried with descriptor loads where the layout allows (they won at d = 64 with
+# N >= 4096 and with the two-programs-per-SM shape (128, 64, 4, 2) at d = 128). dK/dV: a wide key
+# block B_c = 128 wins (32 rows, 4 warps at d <= 64; 64 rows, 8 warps at d = 128). dQ: (128, 64,
+# 8 warps, 3 stages) won every measured shape. Larger d and 4-byte elements leave room for fewer or
+# smaller stages.
+CANDIDATES = {
+    "forward": {
+        (64, 2): [(128, 64, 4, 3), (128, 128, 4, 3)],
+        (128, 2): [(128, 128, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3), (128, 64, 8, 2), (128, 64, 4, 2)],
+        (256, 2): [(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 3)],
+        (64, 4): [(128, 64, 8, 3), (64, 64, 4, 3)],
+        (128, 4): [(64, 64, 4, 2), (128, 32, 8, 3)],
+        (256, 4): [(64, 32, 4, 2), (32, 32, 4, 2)],
+    },
+    "dkdv": {
+        (64, 2): [(32, 128, 4, 4), (64, 128, 8, 3), (32, 64, 4, 3)],
+        (128, 2): [(64, 128, 8, 3), (32, 64, 4, 3), (64, 64, 4, 3)],
+        (256, 2): [(32, 64, 8, 2), (16, 32, 4, 2)],
+        (64, 4): [(32, 128, 4, 4), (64, 128, 8, 3), (32, 64, 4, 3)],
+        (128, 4): [(32, 64, 4, 3), (32, 64, 8, 2), (16, 32, 4, 2)],
+        (256, 4): [(16, 32, 4, 2)],
+    },
+    "dq": {
+        (64, 2): [(128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2)],
+        (128, 2): [(128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2)],
+        (256, 2): [(64, 32, 4, 2), (32, 32, 4, 2)],
+        (64, 4): [(128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2)],
+        (128, 4): [(64, 32, 4, 2), (32, 32, 4, 2)],
+        (256, 4): [(32, 32, 4, 2)],
+    },
+}
+
+# the forward kernel's candidates (chapter 04's notebook plots their budgets)
+HOPPER_SHAPES = CANDIDATES["forward"]
+
+# What a program keeps on chip, in rows of d elements: tiles resident for the whole program, tiles
+# streamed once per pipeline stage, and float32 accumulator rows (in registers).
+#   forward: Q_i resident; K_j, V_j streamed; acc_i          (B_r × d)
+#   dK/dV:   K_j, V_j resident; Q_i, dO_i streamed; dK_j, dV_j (2 B_c × d)
+#   dQ:      Q_i, dO_i resident; K_j, V_j streamed; dQ_i       (B_r × d)
+SHARED_MEMORY_BYTES = 232448  # the per-block limit of an H100
+ACCUMULATOR_REGISTERS = 128  # of a thread's 255 registers, at most this many hold accumulators
+
+
+def _kernel_config(config) -> KernelConfig:
+    """A ``KernelConfig`` from itself or from the ``triton.Config`` the autotuner holds."""
+    if isinstance(config, triton.Config):
+        kw = config.kwargs
+        return KernelConfig(kw["BLOCK_M"], kw["BLOCK_N"], config.num_warps, config.num_stages, kw.get("USE_TMA"))
+    return KernelConfig(*config)
+
+
+def _rows(kernel: str, c: KernelConfig) -> tuple[int, int, int]:
+    """(resident, streamed per stage, accumulator) rows of one program."""
+    if kernel == "forward":
+        return c.block_m, 2 * c.block_n, c.block_m
+    if kernel == "dkdv":
+        return 2 * c.block_n, 2 * c.block_m, 2 * c.block_n
+    return 2 * c.block_m, 2 * c.block_n, c.block_m
+
+
+def shared_bytes(config, block_d: int, element_size: int, kernel: str = "forward") -> int:
+    """Shared memory of one program: its resident tiles and ``num_stages`` buffers of the streamed ones
+    (forward: e · d · (B_r + 2 · stages · B_c), what Triton allocates). ``config``: a ``KernelConfig``
+    or a ``triton.Config``."""
+    c = _kernel_config(config)
+    resident, streamed, _ = _rows(kernel, c)
+    return element_size * block_d * (resident + c.num_stages * streamed)
+
+
+def fits(kernel: str, config, block_d: int, element_size: int) -> bool:
+    """Whether a program of this configuration fits in an H100's shared memory and registers."""
+    c = _kernel_config(config)
+    accumulated = _rows(kernel, c)[2]
+    registers = accumulated * block_d / (32 * c.num_warps)
+    return shared_bytes(c, block_d, element_size, kernel) <= SHARED_MEMORY_BYTES and registers <= ACCUMULATOR_REGISTERS
 
 
 def tma_compatible(*tensors: torch.Tensor) -> bool:
     """A descriptor needs the last stride 1 and every other stride, and the start, 16-byte aligned."""
-    return USE_TENSOR_DESCRIPTORS and all(
+    return all(
         t.stride(-1) == 1 and all(s * t.element_size() % 16 == 0 for s in t.stride()[:-1]) and t.data_ptr() % 16 == 0
         for t in tensors
     )
 
 
-# Shared memory of one program: Q_i, plus num_stages buffers of K_j and V_j (what Triton allocates).
-SHARED_MEMORY_BYTES = 232448  # the per-block limit of an H100
-
-
-def shared_bytes(config: triton.Config, block_d: int, element_size: int) -> int:
-    kw = config.kwargs
-    return element_size * block_d * (kw["BLOCK_M"] + config.num_stages * 2 * kw["BLOCK_N"])
-
-
-# (B_r, B_c, num_warps, num_stages) per (padded head dim, bytes per element). B_r = 128 rows fill the
-# 4-warp groups of Hopper's wgmma; larger d or 4-byte elements leave room for fewer or smaller stages.
-# Each shape is tried with descriptor loads and with pointer loads: on the H100, descriptors won at
-# d = 64 with N >= 4096 and with the two-programs-per-SM shape (128, 64, 4, 2) at d = 128, pointers
-# mostly at N = 1024 (benchmarks/NOTES_forward.md).
-HOPPER_SHAPES = {
-    (64, 2): [(128, 64, 4, 3), (128, 128, 4, 3)],
-    (128, 2): [(128, 128, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3), (128, 64, 8, 2), (128, 64, 4, 2)],
-    (256, 2): [(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 3)],
-    (64, 4): [(128, 64, 8, 3), (64, 64, 4, 3)],
-    (128, 4): [(64, 64, 4, 2), (128, 32, 8, 3)],
-    (256, 4): [(64, 32, 4, 2), (32, 32, 4, 2)],
-}
-
-
-def _shape(config: triton.Config):
-    return config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps, config.num_stages
-
-
-def gpu_configs() -> list[triton.Config]:
-    """Every candidate; ``prune_configs`` keeps those meant for the call's head dim, dtype and layout."""
-    shapes = sorted({s for shapes in HOPPER_SHAPES.values() for s in shapes})
-    return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "USE_TMA": tma}, num_warps=w, num_stages=st)
-        for bm, bn, w, st in shapes
-        for tma in (True, False)
-    ]
-
-
-def prune_configs(configs, named_args, **kwargs):
-    """Keep the shapes listed for the call's padded head dim and element size that fit in shared
-    memory, with descriptor loads only where the layout allows them (TMA_OK)."""
-    args = {**named_args, **kwargs}
-    block_d, element_size = args["BLOCK_D"], args["Q"].element_size()
-    wanted = HOPPER_SHAPES[(min(d for d, _ in HOPPER_SHAPES if d >= block_d), element_size)]
-    kept = [c for c in configs if _shape(c) in wanted and (args["TMA_OK"] or not c.kwargs["USE_TMA"])]
-    return [c for c in kept if shared_bytes(c, block_d, element_size) <= SHARED_MEMORY_BYTES] or kept[-1:]
-
-
 def length_bucket(n: int) -> int:
     """The autotuning key for a sequence length: its next power of two, at least 128, at most 16384."""
     return min(max(triton.next_power_of_2(n), 128), 16384)
+
+
+def _triton_config(kernel: str, c: KernelConfig) -> triton.Config:
+    """The compile-time arguments and launch options of a configuration, as Triton takes them."""
+    meta = {"BLOCK_M": c.block_m}
+    if kernel != "preprocess":  # the preprocessing kernel has no key blocks
+        meta["BLOCK_N"] = c.block_n
+    if kernel == "forward":
+        meta["USE_TMA"] = bool(c.use_tma)
+    return triton.Config(meta, num_warps=c.num_warps, num_stages=c.num_stages)
+
+
+def _candidates(kernel: str) -> list[KernelConfig]:
+    shapes = sorted({s for listed in CANDIDATES[kernel].values() for s in listed})
+    loads = (True, False) if kernel == "forward" else (False,)
+    return [KernelConfig(*s, use_tma=tma) for s in shapes for tma in loads]
+
+
+def _pruner(kernel: str):
+    """Keep the candidates listed for the call's padded head dim and element size that fit on chip;
+    descriptor loads only where TMA_MODE allows them (forward: 0 never, 1 allowed, 2 required)."""
+
+    def prune(configs, named_args, **kwargs):
+        args = {**named_args, **kwargs}
+        block_d, element_size = args["BLOCK_D"], args["Q"].element_size()
+        listed = CANDIDATES[kernel][(min(d for d, _ in CANDIDATES[kernel] if d >= block_d), element_size)]
+        tma_mode = args.get("TMA_MODE", 0)
+        tma_wanted = {0: (False,), 1: (False, True), 2: (True,)}[tma_mode]
+        kept = []
+        for config in configs:
+            c = _kernel_config(config)
+            if c[:4] in listed and bool(c.use_tma) in tma_wanted and fits(kernel, c, block_d, element_size):
+                kept.append(config)
+        return kept
+
+    return prune
+
+
+# Every kernel is tuned per head dim, length bucket, dot precision and score options; Triton adds
+# the dtypes of the tensor arguments to the key itself.
+AUTOTUNE_KEY = ["HEAD_DIM", "N_BUCKET", "DOT_PRECISION", "LEFT_LIMIT", "RIGHT_LIMIT", "SOFTCAP", "ALIBI", "DROPOUT"]
+
+
+def autotuned(kernel: str, fn, extra_key=()):
+    """``fn`` (a ``@triton.jit`` kernel) behind the autotuner with the candidates of ``kernel``.
+
+    Every kernel writes its outputs (never accumulates into them), so the autotuner may run it
+    several times.
+    """
+    return triton.autotune(
+        configs=[_triton_config(kernel, c) for c in _candidates(kernel)],
+        key=AUTOTUNE_KEY + list(extra_key),
+        prune_configs_by={"early_config_prune": _pruner(kernel)},
+    )(fn)
+
+
+def parse_config(text: str) -> KernelConfig:
+    """ "B_r,B_c,warps,stages[,tma]" -> KernelConfig, e.g. "128,64,4,2,tma"."""
+    parts = [p.strip().lower() for p in text.split(",")]
+    tma = parts[-1] == "tma"
+    if tma:
+        parts.pop()
+    try:
+        numbers = [int(p) for p in parts]
+    except ValueError:
+        numbers = []
+    if len(numbers) != 4 or min(numbers) < 1:
+        raise ValueError(f"a launch configuration is 'B_r,B_c,warps,stages' with an optional ',tma', got {text!r}")
+    return KernelConfig(*numbers, use_tma=tma)
+
+
+def pinned(kernel: str, config: Optional[KernelConfig] = None) -> Optional[KernelConfig]:
+    """The configuration ``kernel`` runs without autotuning: ``config`` if given, else the one in
+    FLASHCOURSE_CONFIG_<KERNEL>, else the interpreter's; None means: let the autotuner choose."""
+    if config is not None:
+        return KernelConfig(*config)
+    text = os.environ.get(f"FLASHCOURSE_CONFIG_{kernel.upper()}")
+    if text:
+        return parse_config(text)
+    return INTERPRET_CONFIGS.get(kernel) if INTERPRET else None
+
+
+def launch(kernel: str, fn, tuned, grid, args: tuple, meta: dict, config: Optional[KernelConfig]):
+    """Run ``kernel``: the pinned configuration (``pinned``) through the plain ``fn``, else ``tuned``.
+
+    ``grid(block_m, block_n)`` gives the launch grid of a configuration; ``meta`` the other
+    compile-time arguments. Returns the configuration used (None when the autotuner chose).
+    """
+    chosen = pinned(kernel, config)
+    with quiet_interpreter():
+        if chosen is None:
+            tuned[lambda META: grid(META["BLOCK_M"], META["BLOCK_N"])](*args, **meta)
+        else:
+            launch_meta = _triton_config(kernel, chosen).all_kwargs()
+            fn[grid(chosen.block_m, chosen.block_n)](*args, **meta, **launch_meta)
+    return chosen

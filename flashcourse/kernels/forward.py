@@ -8,9 +8,13 @@ once at the end. The grid is (⌈Nq / B_r⌉, B · H).
 Two tricks of the tutorial:
 - base 2: exp(x) = 2^(x · log2 e), so log2 e is folded into the softmax scale once and the loop
   uses ``exp2``; the stored L is converted back to the natural log, which the backward pass expects;
-- causal: key blocks entirely above the diagonal are never visited, key blocks entirely below it run
-  without any mask, and only the few blocks that cross the diagonal (or the ragged end of the keys)
-  are masked. The key loop is therefore split into an unmasked part and a masked part.
+- block skipping: key blocks a query block cannot see (above the causal diagonal, outside a sliding
+  window) are never visited, key blocks every row sees in full run without any mask, and only the
+  few blocks that cross an edge of the window (the diagonal, or the ragged end of the keys) are
+  masked. The key loop is therefore split into masked and unmasked parts (``scores.key_range``).
+
+The score options (window, soft-capping, ALiBi, dropout) come from ``scores.py``: each is a
+compile-time flag, absent from the compiled kernel when off.
 """
 
 from typing import Optional
@@ -20,12 +24,14 @@ import triton
 import triton.language as tl
 
 from .._env import INTERPRET
-from .common import check_kernel_device, dot, load_tile, store_tile, upcast_dots
-from .configs import INTERPRET_BLOCK_M, INTERPRET_BLOCK_N, gpu_configs, length_bucket, prune_configs, tma_compatible
+from .common import check_kernel_device, dot, dot_args, load_tile, store_tile, to_dtype
+from .configs import INTERPRET_CONFIGS, KernelConfig, autotuned, launch, length_bucket, pinned, tma_compatible
+from .scores import dropout_keep, key_range, score_args, score_constants, scores
 
-LOG2_E = 1.4426950408889634  # log2(e): exp(x) = 2^(x · log2 e)
 LN_2: tl.constexpr = tl.constexpr(0.6931471805599453)  # ln 2 = 1 / log2(e)
 MAX_HEAD_DIM = 256
+# the probabilities returned for inspection are padded to multiples of 128, as flash-attn's are
+PROBS_PADDING = 128
 
 
 @triton.jit
@@ -52,75 +58,113 @@ def _load_kv_tile(
 def _attn_fwd_inner(
     acc, l_i, m_i, q,
     K_src, V_src, stride_kn, stride_kd, stride_vn, stride_vd,
-    offs_m, offs_d, start, end, Nk, shift, qk_scale,
-    MASKED: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, USE_TMA: tl.constexpr,
+    offs_m, offs_d, start, end, bh, Nq, Nk, offset,
+    qk_scale, left, right, softcap_scale, softcap_log2, slope_log2, dropout_p, seed, philox_offset,
+    MASKED: tl.constexpr, LEFT_LIMIT: tl.constexpr, RIGHT_LIMIT: tl.constexpr, SOFTCAP: tl.constexpr,
+    ALIBI: tl.constexpr, DROPOUT: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     """Fold the key blocks K_j, V_j with start <= j·B_c < end into (acc, l_i, m_i).
 
-    m_i and the scores are in base-2 units (scaled by scale · log2 e). MASKED blocks hide keys past
-    Nk and, when CAUSAL, keys above the diagonal (key j visible to query i iff j <= i + shift).
+    m_i and the scores are in base-2 units (scaled by log2 e). MASKED blocks hide the keys outside
+    the window and past Nk (``scores``); the others are seen whole by every row.
     """
     for start_n in range(start, end, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         offs_n = start_n + tl.arange(0, BLOCK_N)
         K_j = _load_kv_tile(K_src, start_n, offs_d, stride_kn, stride_kd, Nk, HEAD_DIM, BLOCK_N, MASKED, USE_TMA)
         # S_ij = Q_i K_jᵀ                                        (B_r, B_c), float32
-        s = dot(q, tl.trans(K_j), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), UPCAST)
-        if MASKED:
-            visible = offs_n[None, :] < Nk
-            if CAUSAL:
-                visible = visible & (offs_n[None, :] <= offs_m[:, None] + shift)
-            s = tl.where(visible, s, float("-inf"))
+        s = dot(q, tl.trans(K_j), None, UPCAST, DOT_PRECISION)
+        # the scores in base 2 are c · x: scale, soft-cap, ALiBi, window (−inf where hidden)
+        x, c, _ = scores(s, offs_m[:, None], offs_n[None, :], Nk, offset, qk_scale, left, right,
+                         softcap_scale, softcap_log2, slope_log2, MASKED, LEFT_LIMIT, RIGHT_LIMIT, SOFTCAP, ALIBI)
         # m_new = max(m_i, rowmax(S_ij) · scale · log2 e)
-        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+        m_new = tl.maximum(m_i, tl.max(x, 1) * c)
         if MASKED:
             # a row that has seen no key yet keeps m = −inf; subtract 0 instead (exp2(−inf) = 0, not NaN)
             m_new_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         else:
             m_new_safe = m_new
         # P̃_ij = 2^(S_ij · scale · log2 e − m_new)          (= exp(scale·S_ij − m_new / log2 e))
-        p = tl.math.exp2(s * qk_scale - m_new_safe[:, None])
+        p = tl.math.exp2(x * c - m_new_safe[:, None])
         # α = 2^(m_i − m_new): how much the old sums shrink under the new maximum
         alpha = tl.math.exp2(m_i - m_new_safe)
-        # l_i = α l_i + rowsum(P̃_ij)
+        # l_i = α l_i + rowsum(P̃_ij)                          (dropout does not change the softmax)
         l_i = l_i * alpha + tl.sum(p, 1)
+        if DROPOUT:
+            # P̃_ij ∘ Z_ij: the dropped entries leave the product with V (1 / (1 − p) comes at the end)
+            p = tl.where(dropout_keep(seed, philox_offset, bh, offs_m[:, None], offs_n[None, :], Nq, Nk, dropout_p),
+                         p, 0.0)
         V_j = _load_kv_tile(V_src, start_n, offs_d, stride_vn, stride_vd, Nk, HEAD_DIM, BLOCK_N, MASKED, USE_TMA)
-        # acc_i = α acc_i + P̃_ij V_j                           (still unnormalised)
-        acc = dot(p.to(V_j.dtype), V_j, acc * alpha[:, None], UPCAST)
+        # acc_i = α acc_i + P̃_ij V_j             (P̃_ij rounded to V's dtype; still unnormalised)
+        acc = dot(p, V_j, acc * alpha[:, None], UPCAST, DOT_PRECISION)
         m_i = m_new
     return acc, l_i, m_i
 
 
 @triton.jit
+def _store_probs(
+    P_head, stride_pm, stride_pn, q, K_head, stride_kn, stride_kd, m_i,
+    offs_m, offs_d, start, end, bh, Nq, Nk, offset,
+    qk_scale, left, right, softcap_scale, softcap_log2, slope_log2, dropout_p, seed, philox_offset,
+    LEFT_LIMIT: tl.constexpr, RIGHT_LIMIT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
+    DROPOUT: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """For inspection only: write P̃_ij = exp(s_ij − m_i), m_i the row maximum, of the key blocks in
+    [start, end), negated where the dropout drops the entry (flash-attn's S_dmask convention)."""
+    m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
+    for start_n in range(start, end, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        K_j = load_tile(K_head, offs_n, offs_d, stride_kn, stride_kd, Nk, HEAD_DIM)
+        s = dot(q, tl.trans(K_j), None, UPCAST, DOT_PRECISION)
+        x, c, _ = scores(s, offs_m[:, None], offs_n[None, :], Nk, offset, qk_scale, left, right,
+                         softcap_scale, softcap_log2, slope_log2, True, LEFT_LIMIT, RIGHT_LIMIT, SOFTCAP, ALIBI)
+        # P̃_ij = 2^(x · c − m_i)
+        p = tl.math.exp2(x * c - m_safe[:, None])
+        if DROPOUT:
+            p = tl.where(dropout_keep(seed, philox_offset, bh, offs_m[:, None], offs_n[None, :], Nq, Nk, dropout_p),
+                         p, -p)
+        store_tile(P_head, to_dtype(p, P_head.dtype.element_ty), offs_m, offs_n, stride_pm, stride_pn, Nq, Nk)
+
+
+@triton.jit
 def _attn_fwd_kernel(
-    Q, K, V, O, L,
+    Q, K, V, O, L, P,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_om, stride_od,
-    H, GROUP, Nq, Nk, qk_scale, N_BUCKET, TMA_OK,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
+    stride_pb, stride_ph, stride_pm, stride_pn,
+    H, GROUP, Nq, Nk,
+    SLOPES, stride_slope_b, stride_slope_h, RNG, scale, left, right, softcap_scale, softcap_log2, dropout_p,
+    N_BUCKET, TMA_MODE,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    LEFT_LIMIT: tl.constexpr, RIGHT_LIMIT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
+    DROPOUT: tl.constexpr, RETURN_PROBS: tl.constexpr,
     USE_TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """O_i, L_i for one block of B_r = BLOCK_M query rows of one (batch, head). L is contiguous (B, H, Nq).
 
-    N_BUCKET and TMA_OK are read only by the autotuner (its key); USE_TMA loads K_j, V_j through
-    tensor descriptors, allowed when TMA_OK.
+    The score options (SLOPES .. dropout_p) are described in ``scores.score_args``. P receives the
+    unnormalised probabilities when RETURN_PROBS. N_BUCKET and TMA_MODE are read only by the
+    autotuner (its key); USE_TMA loads K_j, V_j through tensor descriptors.
     """
     pid_m = tl.program_id(0)
-    if CAUSAL:
-        # the last query blocks see the most keys: start them first so that the tail of the grid is short
+    if RIGHT_LIMIT:
+        # causal: the last query blocks see the most keys: start them first so that the tail of the grid is short
         pid_m = tl.num_programs(0) - 1 - pid_m
     pid_bh = tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
-    # grouped-query attention: query head h reads key/value head h // (H / Hkv)
+    # this program's head: grouped-query attention reads key/value head h // (H / Hkv); its Nq query
+    # rows and Nk key rows (the queries are the last Nq positions: offset = Nk − Nq)
     h_kv = h // GROUP
     Q_head = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
     K_head = K + b.to(tl.int64) * stride_kb + h_kv.to(tl.int64) * stride_kh
     V_head = V + b.to(tl.int64) * stride_vb + h_kv.to(tl.int64) * stride_vh
     O_head = O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+    offset = Nk - Nq
 
     start_m = pid_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -136,50 +180,64 @@ def _attn_fwd_kernel(
         K_src = K_head
         V_src = V_head
 
+    qk_scale, slope_log2, seed, philox_offset = score_constants(SLOPES, stride_slope_b, stride_slope_h, RNG, b, h,
+                                                                scale, ALIBI, DROPOUT)
+
     # m_i = −inf, l_i = 0, acc_i = 0
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    # keys in whole blocks of B_c need no mask at the ragged end
-    full_end = (Nk // BLOCK_N) * BLOCK_N
-    if CAUSAL:
-        # bottom-right alignment: query i sees key j iff j <= i + shift, shift = Nk − Nq
-        shift = Nk - Nq
-        # past the last key that the last row of the block sees: later blocks are skipped entirely
-        end = tl.minimum(tl.maximum(start_m + BLOCK_M + shift, 0), Nk)
-        # key blocks ending at or before the first row's diagonal are visible to every row: no mask
-        unmasked_end = tl.minimum((tl.maximum(start_m + shift + 1, 0) // BLOCK_N) * BLOCK_N, full_end)
-    else:
-        shift = 0
-        end = Nk
-        unmasked_end = full_end
-
+    # keys in whole blocks that every row sees need no mask: [mid_lo, mid_hi); blocks outside [lo, hi)
+    # are never visited; [lo, mid_lo) cross the window's left edge, [mid_hi, hi) its right edge (the
+    # causal diagonal) or the ragged end of the keys
+    lo, mid_lo, mid_hi, hi = key_range(start_m, Nk, offset, left, right, BLOCK_M, BLOCK_N, LEFT_LIMIT, RIGHT_LIMIT)
+    if LEFT_LIMIT:
+        acc, l_i, m_i = _attn_fwd_inner(
+            acc, l_i, m_i, q, K_src, V_src, stride_kn, stride_kd, stride_vn, stride_vd,
+            offs_m, offs_d, lo, mid_lo, pid_bh, Nq, Nk, offset,
+            qk_scale, left, right, softcap_scale, softcap_log2, slope_log2, dropout_p, seed, philox_offset,
+            True, LEFT_LIMIT, RIGHT_LIMIT, SOFTCAP, ALIBI, DROPOUT,
+            HEAD_DIM, BLOCK_M, BLOCK_N, UPCAST, DOT_PRECISION, USE_TMA,
+        )
     acc, l_i, m_i = _attn_fwd_inner(
         acc, l_i, m_i, q, K_src, V_src, stride_kn, stride_kd, stride_vn, stride_vd,
-        offs_m, offs_d, 0, unmasked_end, Nk, shift, qk_scale,
-        False, CAUSAL, HEAD_DIM, BLOCK_M, BLOCK_N, UPCAST, USE_TMA,
+        offs_m, offs_d, mid_lo, mid_hi, pid_bh, Nq, Nk, offset,
+        qk_scale, left, right, softcap_scale, softcap_log2, slope_log2, dropout_p, seed, philox_offset,
+        False, LEFT_LIMIT, RIGHT_LIMIT, SOFTCAP, ALIBI, DROPOUT,
+        HEAD_DIM, BLOCK_M, BLOCK_N, UPCAST, DOT_PRECISION, USE_TMA,
     )
     acc, l_i, m_i = _attn_fwd_inner(
         acc, l_i, m_i, q, K_src, V_src, stride_kn, stride_kd, stride_vn, stride_vd,
-        offs_m, offs_d, unmasked_end, end, Nk, shift, qk_scale,
-        True, CAUSAL, HEAD_DIM, BLOCK_M, BLOCK_N, UPCAST, USE_TMA,
+        offs_m, offs_d, mid_hi, hi, pid_bh, Nq, Nk, offset,
+        qk_scale, left, right, softcap_scale, softcap_log2, slope_log2, dropout_p, seed, philox_offset,
+        True, LEFT_LIMIT, RIGHT_LIMIT, SOFTCAP, ALIBI, DROPOUT,
+        HEAD_DIM, BLOCK_M, BLOCK_N, UPCAST, DOT_PRECISION, USE_TMA,
     )
 
     # O_i = acc_i / l_i, one division at the end; a row that saw no key (l_i = 0) gets O_i = 0
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-    o = acc / l_safe[:, None]
-    store_tile(O_head, o.to(O.dtype.element_ty), offs_m, offs_d, stride_om, stride_od, Nq, HEAD_DIM)
+    if DROPOUT:
+        # O_i = (P_i ∘ Z_i) V / (1 − p): the kept entries are scaled up so that E[O_i] stays the same
+        o = acc * (1.0 / ((1.0 - dropout_p) * l_safe))[:, None]
+    else:
+        o = acc / l_safe[:, None]
+    store_tile(O_head, to_dtype(o, O.dtype.element_ty), offs_m, offs_d, stride_om, stride_od, Nq, HEAD_DIM)
     # L_i = ln 2 · (m_i + log2 l_i), natural log again; −inf for a row that saw no key (m_i = −inf)
     lse = (m_i + tl.math.log2(l_safe)) * LN_2
     tl.store(L + pid_bh.to(tl.int64) * Nq + offs_m, lse, mask=offs_m < Nq)
 
+    if RETURN_PROBS:
+        P_head = P + b.to(tl.int64) * stride_pb + h.to(tl.int64) * stride_ph
+        _store_probs(
+            P_head, stride_pm, stride_pn, q, K_head, stride_kn, stride_kd, m_i,
+            offs_m, offs_d, lo, hi, pid_bh, Nq, Nk, offset,
+            qk_scale, left, right, softcap_scale, softcap_log2, slope_log2, dropout_p, seed, philox_offset,
+            LEFT_LIMIT, RIGHT_LIMIT, SOFTCAP, ALIBI, DROPOUT, HEAD_DIM, BLOCK_M, BLOCK_N, UPCAST, DOT_PRECISION,
+        )
 
-_attn_fwd_tuned = triton.autotune(
-    configs=gpu_configs(),
-    key=["HEAD_DIM", "CAUSAL", "TMA_OK", "N_BUCKET"],
-    prune_configs_by={"early_config_prune": prune_configs},
-)(_attn_fwd_kernel)
+
+_attn_fwd_tuned = autotuned("forward", _attn_fwd_kernel, extra_key=["TMA_MODE", "RETURN_PROBS"])
 
 
 def _descriptor_scratch(size: int, alignment: int, stream):
@@ -197,13 +255,30 @@ def attention_forward(
     out: Optional[torch.Tensor] = None,
     block_m: Optional[int] = None,
     block_n: Optional[int] = None,
+    window_size=(-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: Optional[torch.Tensor] = None,
+    dropout_p: float = 0.0,
+    rng_state: Optional[torch.Tensor] = None,
+    return_probs: bool = False,
+    use_tma: Optional[bool] = None,
+    config: Optional[KernelConfig] = None,
 ):
     """Launch the forward kernel. q (B, H, Nq, d), k, v (B, Hkv, Nk, d), any strides -> (O, L).
 
-    O is (B, H, Nq, d) in q's dtype, contiguous (written into ``out`` when given); L is the natural-log
-    logsumexp of each scaled score row, float32 (B, H, Nq), contiguous. The inputs are assumed valid
-    (``flashcourse.flash_attention`` checks them). ``block_m``/``block_n`` fix B_r and B_c (with the
-    default warps and stages on a GPU) instead of the interpreter blocks or the GPU autotuner.
+    O is (B, H, Nq, d) in q's dtype, contiguous (written into ``out`` when given, with any strides);
+    L is the natural-log logsumexp of each score row, float32 (B, H, Nq), contiguous, −inf for a row
+    that sees no key. The inputs are assumed valid (``flashcourse.flash_attention`` checks them).
+
+    Score options (``scores.py``): ``window_size`` (left, right), −1 for no limit, measured from the
+    bottom-right diagonal (``causal`` sets right = 0); ``softcap`` > 0; ``alibi_slopes`` float32 (H,)
+    or (B, H); ``dropout_p`` with ``rng_state`` (``scores.new_rng_state``). ``return_probs`` also
+    returns P̃ (B, H, Nq', Nk') in q's dtype, Nq and Nk rounded up to multiples of 128: exp(s_ij − m_i)
+    with m_i the row maximum, negated where dropped, 0 where hidden and in the padding.
+
+    Launch: ``use_tma`` None loads K_j, V_j through tensor descriptors where the layout allows (the
+    autotuner also tries pointers), False never, True always. ``config`` (or FLASHCOURSE_CONFIG_FORWARD)
+    pins the configuration; ``block_m``/``block_n`` fix B_r and B_c with the default warps and stages.
     """
     check_kernel_device(q=q, k=k, v=v)
     B, H, Nq, d = q.shape
@@ -212,24 +287,36 @@ def attention_forward(
         raise ValueError(f"head dim d = {d} is not supported by the Triton kernels (at most {MAX_HEAD_DIM})")
     o = torch.empty((B, H, Nq, d), dtype=q.dtype, device=q.device) if out is None else out
     lse = torch.empty((B, H, Nq), dtype=torch.float32, device=q.device)
-    # descriptor loads (USE_TMA) are possible only for aligned layouts; the autotuner also tries pointers
-    tma_ok = tma_compatible(k, v)
+    if return_probs:
+        padded = [triton.cdiv(n, PROBS_PADDING) * PROBS_PADDING for n in (Nq, Nk)]
+        probs = torch.zeros((B, H, *padded), dtype=q.dtype, device=q.device)
+    else:
+        probs = lse  # never written
+
+    # descriptor loads (USE_TMA) need aligned rows; the autotuner tries both where they are allowed
+    tma_ok = use_tma is not False and tma_compatible(k, v)
+    if use_tma and not tma_ok:
+        raise ValueError("use_tma=True needs k and v with stride 1 along d and 16-byte aligned rows and starts")
+    if block_m is not None or block_n is not None:
+        default = INTERPRET_CONFIGS["forward"]
+        config = KernelConfig(block_m or default.block_m, block_n or default.block_n)
+    config = pinned("forward", config)
+    if config is not None:
+        if config.use_tma and not tma_ok:
+            raise ValueError(f"the configuration {config} loads through descriptors, which these k, v do not allow")
+        config = config._replace(use_tma=tma_ok if config.use_tma is None else config.use_tma)
     if tma_ok and not INTERPRET:
         triton.set_allocator(_descriptor_scratch)
+
+    options, flags = score_args(q, Nq, Nk, scale=scale, causal=causal, window_size=window_size, softcap=softcap,
+                                alibi_slopes=alibi_slopes, dropout_p=dropout_p, rng_state=rng_state)
     args = (
-        q, k, v, o, lse,
-        *q.stride(), *k.stride(), *v.stride(), *o.stride(),
-        H, H // Hkv, Nq, Nk, scale * LOG2_E, length_bucket(max(Nq, Nk)), tma_ok,
+        q, k, v, o, lse, probs,
+        *q.stride(), *k.stride(), *v.stride(), *o.stride(), *(probs.stride() if return_probs else (0, 0, 0, 0)),
+        H, H // Hkv, Nq, Nk, *options, length_bucket(max(Nq, Nk)), 2 if use_tma else int(tma_ok),
     )
-    meta = dict(
-        HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)), CAUSAL=bool(causal), UPCAST=upcast_dots(q.dtype)
-    )
-    if INTERPRET or block_m is not None or block_n is not None:
-        block_m = block_m or INTERPRET_BLOCK_M
-        block_n = block_n or INTERPRET_BLOCK_N
-        grid = (triton.cdiv(Nq, block_m), B * H)
-        _attn_fwd_kernel[grid](*args, **meta, BLOCK_M=block_m, BLOCK_N=block_n, USE_TMA=tma_ok)
-    else:
-        grid = lambda META: (triton.cdiv(Nq, META["BLOCK_M"]), B * H)  # noqa: E731
-        _attn_fwd_tuned[grid](*args, **meta)
-    return o, lse
+    meta = dict(HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)), RETURN_PROBS=bool(return_probs),
+                **dot_args(q.dtype), **flags)
+    launch("forward", _attn_fwd_kernel, _attn_fwd_tuned, lambda bm, bn: (triton.cdiv(Nq, bm), B * H),
+           args, meta, config)
+    return (o, lse, probs) if return_probs else (o, lse)
