@@ -53,21 +53,11 @@ def test_budgets_reproduce_the_tuning_notes():
 
 
 def _forward_configs():
-    """The forward kernel's listed configurations in ``flashcourse/kernels/configs.py``, and its verdict
-    on whether a configuration fits in shared memory: ({(d, bytes per element): [(B_r, B_c, warps,
-    stages)]}, fits(d, e, shape) -> bool). Skips, naming what is missing, where configs.py has other names."""
-    import triton
+    """The forward kernel's listed configurations ({(d, bytes per element): [(B_r, B_c, warps, stages)]})
+    and its verdict on whether one fits on chip: fits(d, e, shape) -> bool."""
+    from flashcourse.kernels import configs
 
-    configs = pytest.importorskip("flashcourse.kernels.configs")
-    if hasattr(configs, "CANDIDATES") and hasattr(configs, "fits") and hasattr(configs, "KernelConfig"):
-        return configs.CANDIDATES["forward"], lambda d, e, s: configs.fits("forward", configs.KernelConfig(*s), d, e)
-    if hasattr(configs, "HOPPER_SHAPES") and hasattr(configs, "shared_bytes"):
-        def fits(d, e, s):
-            config = triton.Config({"BLOCK_M": s[0], "BLOCK_N": s[1]}, num_warps=s[2], num_stages=s[3])
-            return configs.shared_bytes(config, d, e) <= configs.SHARED_MEMORY_BYTES
-        return configs.HOPPER_SHAPES, fits
-    pytest.skip("flashcourse/kernels/configs.py has neither CANDIDATES['forward'] with fits() nor HOPPER_SHAPES "
-                "with shared_bytes(): point _forward_configs in tests/test_gpumodel.py at its new names")
+    return configs.CANDIDATES["forward"], lambda d, e, s: configs.fits("forward", configs.KernelConfig(*s), d, e)
 
 
 def test_the_kernels_configs_fit_by_the_same_formula():

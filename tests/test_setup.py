@@ -121,8 +121,6 @@ def test_doctor_names_the_platform(system, release, machine, want):
     assert platform_name(system, release, machine) == want
 
 
-@pytest.mark.xfail(strict=True, reason="until flashcourse/__init__.py imports its Triton-backed names only when "
-                                       "Triton is installed (owner: kern); then remove this marker")
 def test_without_triton_the_pytorch_chapters_and_doctor_run():
     """macOS and Windows have no Triton wheels: import flashcourse, the PyTorch code and doctor must still work."""
     r = run_python("import sys; sys.modules['triton'] = None\n"  # every `import triton` now fails

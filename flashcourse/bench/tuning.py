@@ -17,9 +17,9 @@ MODE_KERNELS = {"fwd": ["forward"], "bwd": ["dkdv", "dq"], "fwd+bwd": ["forward"
 
 def autotuners() -> Dict[str, object]:
     """The ``triton.autotune`` objects of the kernels, by name (the only access to kernel internals)."""
-    from ..kernels import backward, forward
+    from ..kernels import backward, configs, forward  # noqa: F401  (importing the kernels registers them)
 
-    return {"forward": forward._attn_fwd_tuned, "dkdv": backward._dkdv, "dq": backward._dq}
+    return {name: configs.AUTOTUNERS[name] for name in ("forward", "dkdv", "dq")}
 
 
 def label(kernel: str, config) -> str:

@@ -21,6 +21,8 @@ import torch
 import triton
 
 from .._env import INTERPRET
+from ..gpumodel import H100_SXM
+from ..gpumodel import shared_bytes as gpumodel_shared_bytes
 from .common import quiet_interpreter
 
 
@@ -81,15 +83,12 @@ CANDIDATES = {
     },
 }
 
-# the forward kernel's candidates (chapter 04's notebook plots their budgets)
-HOPPER_SHAPES = CANDIDATES["forward"]
-
 # What a program keeps on chip, in rows of d elements: tiles resident for the whole program, tiles
 # streamed once per pipeline stage, and float32 accumulator rows (in registers).
 #   forward: Q_i resident; K_j, V_j streamed; acc_i          (B_r × d)
 #   dK/dV:   K_j, V_j resident; Q_i, dO_i streamed; dK_j, dV_j (2 B_c × d)
 #   dQ:      Q_i, dO_i resident; K_j, V_j streamed; dQ_i       (B_r × d)
-SHARED_MEMORY_BYTES = 232448  # the per-block limit of an H100
+SHARED_MEMORY_BYTES = H100_SXM.shared_per_program  # the per-program limit of an H100 (227 KiB)
 ACCUMULATOR_REGISTERS = 128  # of a thread's 255 registers, at most this many hold accumulators
 
 
@@ -112,11 +111,11 @@ def _rows(kernel: str, c: KernelConfig) -> tuple[int, int, int]:
 
 def shared_bytes(config, block_d: int, element_size: int, kernel: str = "forward") -> int:
     """Shared memory of one program: its resident tiles and ``num_stages`` buffers of the streamed ones
-    (forward: e · d · (B_r + 2 · stages · B_c), what Triton allocates). ``config``: a ``KernelConfig``
-    or a ``triton.Config``."""
+    (forward: e · d · (B_r + 2 · stages · B_c), what Triton allocates; ``gpumodel.shared_bytes``).
+    ``config``: a ``KernelConfig`` or a ``triton.Config``."""
     c = _kernel_config(config)
     resident, streamed, _ = _rows(kernel, c)
-    return element_size * block_d * (resident + c.num_stages * streamed)
+    return gpumodel_shared_bytes(resident, streamed, block_d, c.num_stages, element_size)
 
 
 def fits(kernel: str, config, block_d: int, element_size: int) -> bool:
@@ -181,17 +180,23 @@ def _pruner(kernel: str):
 AUTOTUNE_KEY = ["HEAD_DIM", "N_BUCKET", "DOT_PRECISION", "LEFT_LIMIT", "RIGHT_LIMIT", "SOFTCAP", "ALIBI", "DROPOUT"]
 
 
+# kernel name -> its autotuner, filled as the kernel modules are imported (the benchmark's per-config
+# timing reads the candidates and the choices here)
+AUTOTUNERS = {}
+
+
 def autotuned(kernel: str, fn, extra_key=()):
     """``fn`` (a ``@triton.jit`` kernel) behind the autotuner with the candidates of ``kernel``.
 
     Every kernel writes its outputs (never accumulates into them), so the autotuner may run it
     several times.
     """
-    return triton.autotune(
+    AUTOTUNERS[kernel] = triton.autotune(
         configs=[_triton_config(kernel, c) for c in _candidates(kernel)],
         key=AUTOTUNE_KEY + list(extra_key),
         prune_configs_by={"early_config_prune": _pruner(kernel)},
     )(fn)
+    return AUTOTUNERS[kernel]
 
 
 def parse_config(text: str) -> KernelConfig:
