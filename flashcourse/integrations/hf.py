@@ -23,8 +23,8 @@ Decoding with a KV cache (``generate``) runs the same path: the cache hands the 
 all keys so far, and the bottom-right aligned causal mask lets the new queries see them all. Not
 supported: attention sinks (``s_aux``, gpt-oss), which the kernels do not compute, and
 ``output_attentions``, which no FlashAttention kernel returns (use "eager" for those).
-Tested with transformers 5.17 to 5.24 (the ``hf`` extra pins that range), on CPU (the kernels in
-Triton's interpreter) and on a GPU.
+The hook into ``_lazy_imports`` is transformers-internal, so the ``hf`` extra pins the range tests/test_hf.py
+passed with: transformers 5.17 to 5.24 (another version warns at import).
 """
 
 import logging
