@@ -1,6 +1,6 @@
 """flashcourse as a Hugging Face transformers backend (``attn_implementation="flashcourse"``) against transformers' own.
 
-Tiny randomly initialised models built from a config (no downloads): a Llama with grouped heads, a Mistral
+Tiny randomly initialised models built from a config (no downloads): a one-layer Llama with grouped heads, a Mistral
 whose sliding window (5) is shorter than the sequences, and a Gemma 2 with soft-capped scores and
 alternating windowed / full layers. Each runs twice, with the same weights: once on flashcourse, once on
 the reference backend ("sdpa"; "eager" for Gemma 2, whose soft-capping SDPA cannot do). The weights are
@@ -23,13 +23,13 @@ import flashcourse  # noqa: E402
 import flashcourse.integrations.hf as hf  # noqa: E402
 from transformers import modeling_flash_attention_utils as flash_utils  # noqa: E402
 
-SMALL = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+SMALL = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
              num_key_value_heads=2, head_dim=8, max_position_embeddings=64, initializer_range=0.2)
 CONFIGS = {  # model -> (config, the backend it is compared with)
     "llama": (lambda: transformers.LlamaConfig(**SMALL), "sdpa"),
     "mistral": (lambda: transformers.MistralConfig(**SMALL, sliding_window=5), "sdpa"),
-    "gemma2": (lambda: transformers.Gemma2Config(**SMALL, sliding_window=5, attn_logit_softcapping=2.0,
-                                                 query_pre_attn_scalar=8), "eager"),
+    "gemma2": (lambda: transformers.Gemma2Config(**{**SMALL, "num_hidden_layers": 2}, sliding_window=5,  # windowed, full
+                                                 attn_logit_softcapping=2.0, query_pre_attn_scalar=8), "eager"),
 }
 B, N = 2, 11  # batch, prompt length
 
@@ -110,25 +110,29 @@ def test_logits_and_gradients_match(model, padding, dtype, device, calls):
             torch.testing.assert_close(x, x_ref, atol=tol, rtol=tol, msg=lambda m: f"{name}: {m}")
         else:
             assert (x - x_ref).abs().max() <= 2 * (x_low - x_ref).abs().max() + 1e-5, name
-    layers = SMALL["num_hidden_layers"]
+    layers = ours.config.num_hidden_layers
     assert calls == ({"flash_attn_func": layers, "flash_attn_varlen_func": 0} if mask is None else
                      {"flash_attn_func": 0, "flash_attn_varlen_func": layers})
 
 
-@pytest.mark.parametrize("model,padding", [("llama", "left"), ("llama", None), ("mistral", "left")])
-def test_greedy_generate_matches(model, padding, device, calls):
-    """Greedy decoding in float32 with a KV cache gives the reference's tokens; the window slides over the cache."""
+@pytest.mark.parametrize("model", ["llama", "mistral"])
+def test_greedy_generate_matches(model, device, calls):
+    """Greedy decoding in float32 with a KV cache, from left-padded prompts, gives the reference's tokens.
+
+    Llama decodes through flash_attn_varlen_func (a padded key is always in view); Mistral's window (5) soon
+    leaves the padding behind, and its later steps go to flash_attn_func with one query and 5 keys.
+    """
     ours, theirs = pair(model, device)
-    ids, mask = batch(padding, device)
-    new = 6
+    ids, mask = batch("left", device)
+    new = 5
     outputs = [m.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False, use_cache=True,
                           return_dict_in_generate=True, pad_token_id=0) for m in (ours, theirs)]
     assert outputs[0].sequences.shape == (B, N + new)
     assert torch.equal(outputs[0].sequences, outputs[1].sequences)
     assert outputs[0].past_key_values.get_seq_length() == N + new - 1  # the cache held every token but the last
-    # one prefill and new - 1 steps of one token each, all on flashcourse (varlen while a padded key is in view)
-    assert sum(calls.values()) == new * SMALL["num_hidden_layers"]
-    assert calls["flash_attn_varlen_func"] >= (0 if mask is None else SMALL["num_hidden_layers"])
+    layers = ours.config.num_hidden_layers
+    assert calls == ({"flash_attn_func": 0, "flash_attn_varlen_func": new * layers} if model == "llama" else
+                     {"flash_attn_func": (new - 1) * layers, "flash_attn_varlen_func": layers})
 
 
 def test_packed_sequences_match(device, calls):
@@ -141,11 +145,11 @@ def test_packed_sequences_match(device, calls):
     logits = ours(ids, position_ids=position_ids).logits
     alone = torch.cat([theirs(part).logits for part in ids.split(lengths, dim=1)], dim=1)
     torch.testing.assert_close(logits, alone, atol=2e-5, rtol=2e-5)
-    assert calls == {"flash_attn_func": 0, "flash_attn_varlen_func": SMALL["num_hidden_layers"]}
+    assert calls == {"flash_attn_func": 0, "flash_attn_varlen_func": ours.config.num_hidden_layers}
 
 
 def test_dropout_in_training(device):
-    """model.train() passes the config's attention_dropout to the kernels: seeded, it repeats; off in eval."""
+    """model.train() passes the config's attention_dropout to the kernels: seeded, it repeats; eval() turns it off."""
     ours, _ = pair("llama", device, attention_dropout=0.5)
     ids, mask = batch("left", device)
 
@@ -154,13 +158,12 @@ def test_dropout_in_training(device):
         return ours(ids, attention_mask=mask, labels=ids).loss
 
     ours.train()
-    first, again, other = loss(0), loss(0), loss(1)
+    first, again = loss(0), loss(0)
     first.backward()
-    assert torch.equal(first, again) and not torch.equal(first, other)
+    assert torch.equal(first, again)
     assert all(torch.isfinite(p.grad).all() for p in ours.parameters())
     ours.eval()
-    assert torch.equal(loss(0), loss(1))
-    assert not torch.allclose(loss(0), first)
+    assert not torch.allclose(loss(0), first)  # Llama has no other dropout: the kernels dropped weights
 
 
 def test_attention_sinks_are_refused():
