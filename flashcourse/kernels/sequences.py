@@ -92,12 +92,13 @@ def sequence_rows(b, CU_SEQLENS_Q, CU_SEQLENS_K, SEQUSED_K, LEFTPAD_K, BLOCK_TAB
         if BLOCK_TABLE is not None:  # a paged sequence starts at row 0 of its first page
             k_start = 0
     if SEQUSED_K is not None:
-        Nk = tl.load(SEQUSED_K + b)
+        # never past the cache, whatever the lengths say
+        Nk = tl.minimum(tl.load(SEQUSED_K + b), Nk_max)
     if LEFTPAD_K is not None:
         # keys leftpad .. seqused − 1
         pad = tl.load(LEFTPAD_K + b)
         k_start += pad
-        Nk -= pad
+        Nk = tl.maximum(Nk - pad, 0)
     return q_start, Nq, k_start, Nk
 
 
