@@ -315,14 +315,14 @@ def attention_backward(q, k, v, o, lse, do, *, causal: bool, scale: float, windo
     gradients); a paged cache has no backward.
     ``dkdv_config`` / ``dq_config`` (or FLASHCOURSE_CONFIG_DKDV / _DQ) pin the launch configurations.
     """
+    if sequences.paged:
+        raise NotImplementedError("a paged KV cache (block_table) has no backward pass, as in flash-attn: "
+                                  "call it under torch.no_grad(), or pass contiguous k, v to train")
     Bt, H, Hkv, Nt, _, d = check_attention_inputs(q, k, v)
     check_like("o", o, q, "q")
     check_like("do", do, q, "q")
     if tuple(lse.shape) != (Bt, H, Nt):
         raise ValueError(f"lse must have shape (B, H, Nq) = {(Bt, H, Nt)}, got {tuple(lse.shape)}")
-    if sequences.paged:
-        raise NotImplementedError("a paged KV cache (block_table) has no backward pass, as in flash-attn: "
-                                  "call it under torch.no_grad(), or pass contiguous k, v to train")
     check_kernel_device(q=q, k=k, v=v, o=o, lse=lse, do=do)
     B, Nq, Nk = sequence_shape(q, k, sequences)
     packed_q, packed_k = sequences.cu_seqlens_q is not None, sequences.cu_seqlens_k is not None
