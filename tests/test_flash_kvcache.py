@@ -77,30 +77,31 @@ def kvcache_reference(q, k_cache, v_cache, k, v, *, cache_seqlens, cos=None, sin
     return torch.stack(outs[torch.float64]), torch.stack(outs[q.dtype]), ks, vs
 
 
-def kvcache_inputs(device, dtype, *, B, Nq, Nnew, H, Hkv, d, cache, rotary, seed):
+def kvcache_inputs(device, dtype, *, B, Nq, Nnew, H, Hkv, d, cache, rotary, seed, capacity=CAPACITY, page=PAGE):
     """q, caches, new k and v, cache_seqlens and the cache arguments of one case; the caches hold
-    random numbers everywhere (rows past cache_seqlens too: they must stay hidden)."""
+    random numbers everywhere (rows past cache_seqlens too: they must stay hidden). Sequence 0's cache
+    is full after the append; a paged cache has ``capacity / page`` pages per sequence, and 3 unused."""
     g = torch.Generator().manual_seed(seed)
 
     def randn(*shape):
         return torch.randn(*shape, generator=g).to(device, dtype)
 
-    args = dict(cache_seqlens=torch.randint(0 if Nnew else 1, CAPACITY - max(Nq, Nnew) + 1, (B,), generator=g))
-    args["cache_seqlens"][0] = CAPACITY - max(Nq, Nnew)  # one full cache
+    args = dict(cache_seqlens=torch.randint(0 if Nnew else 1, capacity - max(Nq, Nnew) + 1, (B,), generator=g))
+    args["cache_seqlens"][0] = capacity - max(Nq, Nnew)  # one full cache
     if cache == "paged":
-        pages = CAPACITY // PAGE
-        k_cache, v_cache = randn(B * pages + 3, PAGE, Hkv, d), randn(B * pages + 3, PAGE, Hkv, d)
+        pages = capacity // page
+        k_cache, v_cache = randn(B * pages + 3, page, Hkv, d), randn(B * pages + 3, page, Hkv, d)
         args["block_table"] = torch.randperm(B * pages + 3, generator=g)[:B * pages].view(B, pages)
     else:
         rows = B + 2 if cache == "batch_idx" else B
-        k_cache, v_cache = randn(rows, CAPACITY, Hkv, d), randn(rows, CAPACITY, Hkv, d)
+        k_cache, v_cache = randn(rows, capacity, Hkv, d), randn(rows, capacity, Hkv, d)
         if cache == "batch_idx":
             args["cache_batch_idx"] = torch.randperm(rows, generator=g)[:B]
         if cache == "leftpad":
             args["cache_leftpad"] = (torch.rand(B, generator=g) * args["cache_seqlens"]).long()
     if rotary != "none" and Nnew:
         rotary_dim = d if rotary.endswith("full") else d // 2
-        angle = torch.rand(CAPACITY, rotary_dim // 2, generator=g, dtype=torch.float64) * 6.283
+        angle = torch.rand(capacity, rotary_dim // 2, generator=g, dtype=torch.float64) * 6.283
         args.update(rotary_cos=torch.cos(angle).to(device, dtype), rotary_sin=torch.sin(angle).to(device, dtype),
                     rotary_interleaved=rotary.startswith("interleaved"))
     args = {n: a.to(device, torch.int32) if n in ("cache_seqlens", "block_table", "cache_batch_idx", "cache_leftpad")
@@ -110,9 +111,11 @@ def kvcache_inputs(device, dtype, *, B, Nq, Nnew, H, Hkv, d, cache, rotary, seed
 
 
 def check_kvcache(device, dtype, *, B=2, Nq=1, Nnew=1, H=4, Hkv=2, d=16, cache="plain", rotary="none", seed=0,
-                  num_splits=0, **options):
+                  num_splits=0, capacity=CAPACITY, page=PAGE, **options):
+    """flash_attn_with_kvcache against the model: out with flash-attn's accuracy rule, lse's shape, the caches."""
     q, k_cache, v_cache, k, v, args = kvcache_inputs(device, dtype, B=B, Nq=Nq, Nnew=Nnew, H=H, Hkv=Hkv, d=d,
-                                                     cache=cache, rotary=rotary, seed=seed)
+                                                     cache=cache, rotary=rotary, seed=seed, capacity=capacity,
+                                                     page=page)
     if options.get("alibi_slopes") is not None:
         options["alibi_slopes"] = (torch.rand(B, H, generator=torch.Generator().manual_seed(seed)) * 0.3 + 0.05).to(
             device)
@@ -133,7 +136,7 @@ def check_kvcache(device, dtype, *, B=2, Nq=1, Nnew=1, H=4, Hkv=2, d=16, cache="
     if Nnew:
         rows = args["cache_seqlens"].long()[:, None] + torch.arange(Nnew, device=device)
         if "block_table" in args:
-            touched[torch.gather(args["block_table"].long(), 1, rows // PAGE), rows % PAGE] = True
+            touched[torch.gather(args["block_table"].long(), 1, rows // page), rows % page] = True
         else:
             which = args.get("cache_batch_idx", torch.arange(B, device=device)).long()
             touched[which[:, None], rows] = True
