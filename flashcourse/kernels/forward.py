@@ -183,8 +183,12 @@ def _attn_fwd_kernel(
         return
     h_kv = h // GROUP
     Q_head = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh + tl.cast(q_start, tl.int64) * stride_qm
-    K_head, pages = kv_head(K, b, h_kv, k_start, stride_kb, stride_kh, stride_kn, BLOCK_TABLE, stride_table)
-    V_head, pages = kv_head(V, b, h_kv, k_start, stride_vb, stride_vh, stride_vn, BLOCK_TABLE, stride_table)
+    K_head = kv_head(K, b, h_kv, k_start, stride_kb, stride_kh, stride_kn, BLOCK_TABLE)
+    V_head = kv_head(V, b, h_kv, k_start, stride_vb, stride_vh, stride_vn, BLOCK_TABLE)
+    if BLOCK_TABLE is not None:  # a paged cache: the sequence's row of the block table
+        pages = BLOCK_TABLE + b.to(tl.int64) * stride_table
+    else:
+        pages = BLOCK_TABLE
     split = tl.program_id(2)
     O_head = (O + split.to(tl.int64) * stride_os + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
               + tl.cast(q_start, tl.int64) * stride_om)

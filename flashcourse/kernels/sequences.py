@@ -103,14 +103,13 @@ def sequence_rows(b, CU_SEQLENS_Q, CU_SEQLENS_K, SEQUSED_K, LEFTPAD_K, BLOCK_TAB
 
 
 @triton.jit
-def kv_head(K, b, h_kv, k_start, stride_kb, stride_kh, stride_kn, BLOCK_TABLE, stride_table):
-    """(base, pages) of sequence b's keys in key/value head h_kv: key row j is at base + j · stride_kn;
-    in a paged cache, base is the head in page 0 and ``pages`` the sequence's row of the table."""
+def kv_head(K, b, h_kv, k_start, stride_kb, stride_kh, stride_kn, BLOCK_TABLE):
+    """The base of sequence b's keys in key/value head h_kv: key row j is at base + j · stride_kn; in a
+    paged cache, the head in page 0 (``paged_offsets`` finds the rows)."""
     if BLOCK_TABLE is not None:
-        return K + h_kv.to(tl.int64) * stride_kh, BLOCK_TABLE + b.to(tl.int64) * stride_table
+        return K + h_kv.to(tl.int64) * stride_kh
     else:
-        base = K + b.to(tl.int64) * stride_kb + h_kv.to(tl.int64) * stride_kh + tl.cast(k_start, tl.int64) * stride_kn
-        return base, BLOCK_TABLE
+        return K + b.to(tl.int64) * stride_kb + h_kv.to(tl.int64) * stride_kh + tl.cast(k_start, tl.int64) * stride_kn
 
 
 @triton.jit
