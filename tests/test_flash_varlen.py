@@ -274,3 +274,25 @@ def test_reference_helper_can_fail(device):
     assert max_error(out[:cu_q[-1]], reference_attention(  # all rows as one sequence: wrong too
         q[None, :cu_q[-1]].transpose(1, 2), k[None, :cu_k[-1]].transpose(1, 2), v[None, :cu_k[-1]].transpose(1, 2))
         [0].transpose(0, 1)) > 0.01
+
+
+def test_torch_compile_traces_varlen_without_a_graph_break(device):
+    """The packed layout travels through the custom operators: fullgraph compiles, dropout included,
+    and gives eager's output and gradients (the same generator state, the same mask)."""
+    def block(q, k, v, cu, slopes):
+        out = flash_attn_varlen_func(q * 2, k, v, cu, cu, 9, 9, 0.1, causal=True, window_size=(3, 0), softcap=2.0,
+                                     alibi_slopes=slopes)
+        return out.relu().sum(-1)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(14, h, 16, generator=g).to(device).requires_grad_() for h in (2, 1, 1))
+    cu, slopes = cu_seqlens([5, 9], device), torch.rand(2, 2, generator=g).to(device)
+    torch.manual_seed(0)
+    got = compiled(q, k, v, cu, slopes)
+    torch.manual_seed(0)
+    want = block(q, k, v, cu, slopes)
+    assert torch.equal(got, want)
+    for a, b in zip(torch.autograd.grad(got.sum(), (q, k, v)), torch.autograd.grad(want.sum(), (q, k, v))):
+        assert torch.equal(a, b)
