@@ -372,91 +372,98 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     Returns out, or (out, softmax_lse (B, H, Nq)) with ``return_softmax_lse``. No backward.
     """
     B, Nq, H, Hkv, d, Nnew = _check_cache(q, k_cache, v_cache, k, v, block_table)
-    device = q.device
-    paged = block_table is not None
-    if paged:
-        if cache_batch_idx is not None:
-            raise ValueError("a paged cache (block_table) takes no cache_batch_idx: its rows are the block table's")
-        check_index("block_table", block_table, (B, block_table.shape[-1] if isinstance(block_table, torch.Tensor)
-                                                 else 0), device, "the pages of each sequence")
-        page_size = k_cache.shape[1]
-        capacity = block_table.shape[1] * page_size
-    else:
-        page_size = None
-        capacity = k_cache.shape[1]
-        if cache_batch_idx is not None:
-            check_index("cache_batch_idx", cache_batch_idx, (B,), device, "the cache row of each sequence")
-            if _eager() and not 0 <= int(cache_batch_idx.min()) <= int(cache_batch_idx.max()) < k_cache.shape[0]:
-                raise CacheError(f"cache_batch_idx holds rows outside the {k_cache.shape[0]} rows of k_cache")
-    if cache_leftpad is not None:
-        check_index("cache_leftpad", cache_leftpad, (B,), device, "where each sequence starts in its cache")
+    page_size, capacity = _check_cache_rows(k_cache, B, cache_batch_idx, cache_leftpad, block_table, q.device)
     if cache_seqlens is None and k is not None:
         raise ValueError("to append k and v, pass cache_seqlens: the number of keys already in each sequence's cache")
-    lengths = None if cache_seqlens is None else _cache_lengths(cache_seqlens, B, device)
-    _check_rotary(rotary_cos, rotary_sin, d, capacity, k is not None, device)
-    if lengths is not None and (paged or k is not None) and _eager():
+    lengths = None if cache_seqlens is None else _cache_lengths(cache_seqlens, B, q.device)
+    _check_rotary(rotary_cos, rotary_sin, d, capacity, k is not None, q.device)
+    if lengths is not None and (block_table is not None or k is not None) and _eager():
         # writes and pages must stay inside the cache (flash-attn checks the block table the same way)
         longest = int(lengths.max()) + Nnew
         if longest > capacity:
-            where = f"the block_table's {block_table.shape[1]} pages of {page_size}" if paged else "k_cache's"
+            where = f"the block_table's {capacity // page_size} pages of {page_size}" if page_size else "k_cache's"
             raise CacheError(f"max(cache_seqlens) + N_new = {longest} keys do not fit in {where} {capacity} "
                              f"rows: give block_table more pages or the cache more rows")
     scale = default_scale(softmax_scale, d)
     causal = check_flag("causal", causal)
     left, right = check_window_size(window_size)
     softcap = check_softcap(softcap)
-    alibi_slopes = check_alibi_slopes(alibi_slopes, B, H, device)
+    alibi_slopes = check_alibi_slopes(alibi_slopes, B, H, q.device)
     check_flag("rotary_interleaved", rotary_interleaved)
     check_flag("return_softmax_lse", return_softmax_lse)
     if isinstance(num_splits, bool) or not isinstance(num_splits, numbers.Integral) or num_splits < 0:
         raise ValueError(f"num_splits must be an int >= 0 (0: chosen by a heuristic, 1: no split), got {num_splits!r}")
 
     # 1. the new keys and values, k turned by the rotary embedding, written into the cache in place
-    cache_rows = block_table if paged else (cache_batch_idx if cache_batch_idx is not None
-                                             else torch.arange(B, dtype=torch.int32, device=device))
     if k is not None:
-        positions = lengths.long()[:, None] + torch.arange(Nnew, device=device)  # (B, N_new)
+        positions = lengths.long()[:, None] + torch.arange(Nnew, device=q.device)  # (B, N_new)
         if rotary_cos is not None:
             k = apply_rotary(k, rotary_cos, rotary_sin, positions, rotary_interleaved)
-        _append(k_cache, k, cache_rows, positions, page_size)
-        _append(v_cache, v, cache_rows, positions, page_size)
+        rows = block_table if block_table is not None else (
+            cache_batch_idx if cache_batch_idx is not None else torch.arange(B, device=q.device))
+        _append(k_cache, k, rows, positions, page_size)
+        _append(v_cache, v, rows, positions, page_size)
     if rotary_cos is not None:
         # causal or windowed: query i is at position cache_seqlens + i; otherwise all at cache_seqlens
         windowed = 0 <= left < capacity or 0 <= right < capacity
-        steps = torch.arange(Nq, device=device) if causal or windowed else torch.zeros(Nq, dtype=torch.long,
-                                                                                       device=device)
+        steps = torch.arange(Nq, device=q.device) * (causal or windowed)
         q = apply_rotary(q, rotary_cos, rotary_sin, lengths.long()[:, None] + steps, rotary_interleaved)
 
-    # 2. attention over each sequence's keys: leftpad .. cache_seqlens + N_new − 1 of its cache row (or pages)
-    seqused = None if lengths is None else lengths + Nnew
+    # 2. attention over each sequence's keys leftpad .. cache_seqlens + N_new − 1 of its cache row or pages;
     # a cache row per sequence is a paged cache of one page per sequence
-    table = block_table if paged else (cache_batch_idx[:, None] if cache_batch_idx is not None else None)
-    sequences = Sequences(seqused_k=seqused, leftpad_k=cache_leftpad, block_table=table)
+    table = block_table if block_table is not None else (None if cache_batch_idx is None else cache_batch_idx[:, None])
+    sequences = Sequences(seqused_k=None if lengths is None else lengths + Nnew, leftpad_k=cache_leftpad,
+                          block_table=table)
     if Nq == 1 and alibi_slopes is None:
         causal = False  # one query, the last position, sees every key
-    g = H // Hkv
-    # one query and grouped heads: the H / Hkv query heads of a group as the rows of one (sequence, Hkv head)
-    rows_of_heads = Nq == 1 and g > 1 and not causal and (left, right) == (-1, -1) and alibi_slopes is None
+    out, lse = _attend_cache(q, k_cache, v_cache, sequences, capacity, num_splits, causal=causal, scale=scale,
+                             window_size=(left, right), softcap=softcap, alibi_slopes=alibi_slopes)
+    return (out, flash_attn_lse(lse)) if return_softmax_lse else out
+
+
+def _check_cache_rows(k_cache, B: int, cache_batch_idx, cache_leftpad, block_table, device):
+    """The cache's row arguments, checked: returns (page_size, keys a sequence's cache holds); page_size
+    is None without a block table."""
+    if cache_leftpad is not None:
+        check_index("cache_leftpad", cache_leftpad, (B,), device, "where each sequence starts in its cache")
+    if block_table is not None:
+        if cache_batch_idx is not None:
+            raise ValueError("a paged cache (block_table) takes no cache_batch_idx: its rows are the block table's")
+        pages = block_table.shape[-1] if isinstance(block_table, torch.Tensor) else 0
+        check_index("block_table", block_table, (B, pages), device, "the pages of each sequence")
+        return k_cache.shape[1], pages * k_cache.shape[1]
+    if cache_batch_idx is not None:
+        check_index("cache_batch_idx", cache_batch_idx, (B,), device, "the cache row of each sequence")
+        if _eager() and not 0 <= int(cache_batch_idx.min()) <= int(cache_batch_idx.max()) < k_cache.shape[0]:
+            raise CacheError(f"cache_batch_idx holds rows outside the {k_cache.shape[0]} rows of k_cache")
+    return None, k_cache.shape[1]
+
+
+def _attend_cache(q, k_cache, v_cache, sequences: Sequences, capacity: int, num_splits: int, **options):
+    """(out (B, Nq, H, d), L (B, H, Nq)) of q over the caches, ``num_splits`` 0 chosen by the heuristic.
+
+    One query, grouped heads, no window or ALiBi: the H / Hkv query heads of a group are the rows of one
+    (sequence, key/value head) program, which then reads its keys once (flash-attn's trick).
+    """
+    B, Nq, H, d = q.shape
+    Hkv = k_cache.shape[2]
+    rows_of_heads = (Nq == 1 and H > Hkv and not options["causal"] and options["window_size"] == (-1, -1)
+                     and options["alibi_slopes"] is None)
     if rows_of_heads:
-        qh = q.reshape(B, Hkv, g, d)
-        out = torch.empty((B, Hkv, g, d), dtype=q.dtype, device=device)
+        qh = q.reshape(B, Hkv, H // Hkv, d)
+        out = torch.empty(qh.shape, dtype=q.dtype, device=q.device)
     else:
         qh = q.transpose(1, 2)
-        out = torch.empty((B, Nq, H, d), dtype=q.dtype, device=device).transpose(1, 2)
-    Hq, Nrows = qh.shape[1], qh.shape[2]
-    decode = Nrows <= 16
+        out = torch.empty((B, Nq, H, d), dtype=q.dtype, device=q.device).transpose(1, 2)
+    programs, rows = B * qh.shape[1], qh.shape[2]
+    decode = rows <= 16  # the decoding configurations: B_r = 16
     if num_splits == 0:
-        num_splits = choose_num_splits(B * Hq * math.ceil(Nrows / (16 if decode else 64)), capacity, d, device)
-    out, lse = attention_forward(
-        qh, k_cache.transpose(1, 2), v_cache.transpose(1, 2), causal=causal, scale=scale, out=out,
-        window_size=(left, right), softcap=softcap, alibi_slopes=alibi_slopes, sequences=sequences,
-        num_splits=num_splits, decode=decode,
-    )
-    out = out.reshape(B, Nq, H, d) if rows_of_heads else out.transpose(1, 2)
-    if not return_softmax_lse:
-        return out
-    lse = lse.reshape(B, H, Nq) if rows_of_heads else lse
-    return out, flash_attn_lse(lse)
+        num_splits = choose_num_splits(programs * math.ceil(rows / (16 if decode else 64)), capacity, d, q.device)
+    out, lse = attention_forward(qh, k_cache.transpose(1, 2), v_cache.transpose(1, 2), out=out, sequences=sequences,
+                                 num_splits=num_splits, decode=decode, **options)
+    if rows_of_heads:
+        return out.reshape(B, Nq, H, d), lse.reshape(B, H, Nq)
+    return out.transpose(1, 2), lse
 
 
 def _get_block_size_n(device=None, head_dim: Optional[int] = None, is_dropout: bool = False,
