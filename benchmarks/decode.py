@@ -20,8 +20,9 @@ Part 3, the benchmark grid's varlen rows: ``flashcourse`` against ``flashcourse-
 batch packed, equal lengths) through flashcourse.bench, fwd and bwd.
 
 Files under OUT: decode.json (provenance and every row), decode.csv, decode.md (the tables and the
-split-KV check), varlen-grid.json/.csv/.png (part 3). Quick to compile: the decoding kernel has three
-candidate configurations; the whole run stays under ~8 minutes (``--budget``, seconds per part).
+split-KV check), varlen-grid.json/.csv/.png (part 3). Quick to compile: the decoding kernel has six
+candidate configurations (three shapes, pointer or descriptor loads); each part stops starting shapes
+after ``--budget`` seconds (150), so the whole run stays under ~8 minutes.
 
     python3 benchmarks/decode.py OUT            # on a GPU
     python3 benchmarks/decode.py OUT --tiny     # every part at toy sizes (CPU or GPU)

@@ -70,7 +70,8 @@ CANDIDATES = {
         (256, 4): [(64, 32, 4, 2), (32, 32, 4, 2)],
     },
     # decoding (Nq <= 16 rows, e.g. one token, or the H / Hkv query heads of a group as rows): B_r = 16,
-    # the smallest tile ``tl.dot`` takes, and long key blocks; memory-bound, so few warps and deep pipelines
+    # the smallest tile ``tl.dot`` takes, and long key blocks; memory-bound, so few warps and deep
+    # pipelines. Each is also tried with descriptor loads, which Triton pipelines (num_stages buffers)
     "decode": {
         (64, 2): [(16, 64, 4, 3), (16, 128, 4, 3), (16, 256, 8, 2)],
         (128, 2): [(16, 64, 4, 3), (16, 128, 4, 3), (16, 128, 8, 2)],
@@ -165,7 +166,7 @@ def _triton_config(kernel: str, c: KernelConfig) -> triton.Config:
 
 def _candidates(kernel: str) -> list[KernelConfig]:
     shapes = sorted({s for listed in CANDIDATES[kernel].values() for s in listed})
-    loads = (True, False) if kernel == "forward" else (False,)
+    loads = (True, False) if kernel in ("forward", "decode") else (False,)
     return [KernelConfig(*s, use_tma=tma) for s in shapes for tma in loads]
 
 

@@ -351,7 +351,7 @@ def attention_forward(
 
     kernel = "decode" if decode else "forward"
     # descriptor loads (USE_TMA) need aligned rows; the autotuner tries both where they are allowed
-    tma_ok = use_tma is not False and not decode and not sequences.paged and tma_compatible(k, v)
+    tma_ok = use_tma is not False and not sequences.paged and tma_compatible(k, v)
     if use_tma and not tma_ok:
         raise ValueError("use_tma=True needs k and v with stride 1 along d and 16-byte aligned rows and starts, "
                          "in a cache that is not paged")
