@@ -359,7 +359,8 @@ def main(argv=None) -> int:
     print("\nsplit-KV target: unsplit / split >= %.1f where B·Hkv < %d SMs and Nk >= 8k" % (SPLIT_TARGET, sms))
     for c in checks:
         print(f"  {'PASS' if c['ok'] else 'FAIL'}  B={c['B']:<3} Nk={c['Nk']:<7} {c['splits']:<10} "
-              f"split {bench.fmt_value(c['split_ms'], '.4f')} ms, unsplit {bench.fmt_value(c['unsplit_ms'], '.4f')} ms, "
+              f"split {bench.fmt_value(c['split_ms'], '.4f')} ms, "
+              f"unsplit {bench.fmt_value(c['unsplit_ms'], '.4f')} ms, "
               f"speedup {bench.fmt_value(c['speedup'], '.2f')}")
     failed = [r for r in rows + [m.__dict__ for m in grid] if r.get("status") in ("failed", "error")]
     print(f"\n{len(failed)} measurement(s) failed their check or raised; files under {out} "

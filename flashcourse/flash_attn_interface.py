@@ -286,7 +286,8 @@ def _check_cache(q, k_cache, v_cache, k, v, block_table):
         raise TypeError(f"flash_attn_with_kvcache runs float16, bfloat16 and float32 tensors, got {q.dtype}")
     if d > MAX_HEAD_DIM:
         raise ValueError(f"head dim d = {d} is too large for the Triton kernels (d <= {MAX_HEAD_DIM})")
-    layout = "(pages, page_size, Hkv, d) with a block_table" if block_table is not None else "(B_cache, N_cache, Hkv, d)"
+    paged = block_table is not None
+    layout = "(pages, page_size, Hkv, d) with a block_table" if paged else "(B_cache, N_cache, Hkv, d)"
     Hkv = k_cache.shape[2]
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
         if t.dtype != q.dtype or t.device != q.device:

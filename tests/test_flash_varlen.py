@@ -156,7 +156,8 @@ def test_equal_lengths_are_the_dense_batch_bitwise(device):
     out_packed = flash_attn_varlen_func(*packed, cu, cu, N, N, 0.3, **options)
     assert torch.equal(out_packed, out_dense.flatten(0, 1))
     do = torch.randn(out_dense.shape, generator=g).to(device, torch.bfloat16)
-    for a, b in zip(torch.autograd.grad(out_packed, packed, do.flatten(0, 1)), torch.autograd.grad(out_dense, dense, do)):
+    grads_packed = torch.autograd.grad(out_packed, packed, do.flatten(0, 1))
+    for a, b in zip(grads_packed, torch.autograd.grad(out_dense, dense, do)):
         assert torch.equal(a, b.flatten(0, 1))
 
 
@@ -214,7 +215,8 @@ def test_unpad_and_pad_input(device):
     x = torch.randn(3, 6, 2, 4, device=device, requires_grad=True)
     mask = torch.tensor([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1], [1, 0, 0, 0, 0, 0]], dtype=torch.bool, device=device)
     packed, indices, cu, max_seqlen, used = unpad_input(x, mask)
-    assert packed.shape == (10, 2, 4) and cu.tolist() == [0, 3, 9, 10] and max_seqlen == 6 and used.tolist() == [3, 6, 1]
+    assert packed.shape == (10, 2, 4) and cu.tolist() == [0, 3, 9, 10] and max_seqlen == 6
+    assert used.tolist() == [3, 6, 1]
     assert cu.dtype == torch.int32 and torch.equal(packed, x[mask])
     back = pad_input(packed, indices, 3, 6)
     assert torch.equal(back, x * mask[..., None, None])

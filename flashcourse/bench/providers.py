@@ -1,7 +1,8 @@
 """Who is measured: attention implementations ``f(q, k, v, causal) -> o`` on (B, H, N, d) tensors.
 
 ``flashcourse`` (the Triton kernels), ``flashcourse-varlen`` (the same kernels through
-``flash_attn_varlen_func``, the batch packed as B sequences), ``tiled`` (the FlashAttention-2 loops in PyTorch), ``naive``
+``flash_attn_varlen_func``, the batch packed as B sequences), ``tiled`` (the FlashAttention-2 loops in
+PyTorch), ``naive``
 (S and P materialised), and PyTorch's ``scaled_dot_product_attention`` pinned to one backend each:
 ``sdpa-flash`` (FlashAttention-2), ``sdpa-cudnn``, ``sdpa-efficient``, ``sdpa-math``. A provider that
 cannot run on this device or dtype raises ``Unavailable`` (or PyTorch's "No available kernel"), and

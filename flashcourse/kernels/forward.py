@@ -27,7 +27,8 @@ from .._env import INTERPRET
 from .common import check_kernel_device, dot, dot_args, load_tile, store_tile, to_dtype
 from .configs import INTERPRET_CONFIGS, KernelConfig, autotuned, launch, length_bucket, pinned, tma_compatible
 from .scores import dropout_keep, key_range, score_args, score_constants, scores
-from .sequences import DENSE, Sequences, batch_strides, kv_head, paged_offsets, sequence_args, sequence_rows, sequence_shape
+from .sequences import (DENSE, Sequences, batch_strides, kv_head, paged_offsets, sequence_args, sequence_rows,
+                        sequence_shape)
 from .splitkv import merge_splits, split_range
 
 LN_2: tl.constexpr = tl.constexpr(0.6931471805599453)  # ln 2 = 1 / log2(e)
