@@ -147,6 +147,23 @@ def causal_mask(Nq: int, Nk: int, device=None) -> torch.Tensor:
     return j <= i + causal_offset(Nq, Nk)
 
 
+def window_mask(Nq: int, Nk: int, window_size=(-1, -1), *, causal: bool = False, device=None) -> torch.Tensor:
+    """Boolean (Nq, Nk) mask of flash-attn's sliding window, True where query i may attend to key j:
+    i + Nk − Nq − left <= j <= i + Nk − Nq + right, −1 for no limit on a side; ``causal`` sets right = 0.
+
+    Measured from the bottom-right diagonal, like ``causal_mask`` (which is the window (−1, 0)).
+    """
+    mask = causal_mask(Nq, Nk, device) if causal else torch.ones(Nq, Nk, dtype=torch.bool, device=factory_device(device))
+    left, right = window_size
+    i = torch.arange(Nq, device=mask.device)[:, None] + causal_offset(Nq, Nk)
+    j = torch.arange(Nk, device=mask.device)[None, :]
+    if right >= 0:
+        mask &= j <= i + right
+    if left >= 0:
+        mask &= j >= i - left
+    return mask
+
+
 def expand_kv(t: torch.Tensor, H: int) -> torch.Tensor:
     """(B, Hkv, N, d) -> (B, H, N, d): query head h reads key/value head h // (H // Hkv)."""
     Hkv = t.shape[1]

@@ -106,3 +106,58 @@ def test_backward_matches_autograd(Nq, Nk, H, Hkv, causal, device):
     for name, g, e in zip("qkv", got, expected):
         assert g.shape == e.shape, name
         assert torch.allclose(g, e, atol=1e-12), f"d{name}"
+
+
+# flash-attn's score options: each against a second computation (SDPA with an explicit mask or bias,
+# or the formula written inline), in float64
+
+
+@pytest.mark.parametrize("Nq, Nk", [(17, 33), (33, 17), (1, 9)])
+@pytest.mark.parametrize("window, causal", [((3, 2), False), ((5, -1), True), ((-1, 0), False), ((0, 0), False)])
+def test_window_matches_sdpa_with_the_mask(Nq, Nk, window, causal, device):
+    import torch.nn.functional as F
+
+    from flashcourse._checks import window_mask
+
+    q, k, v = make_qkv(B=2, H=2, Nq=Nq, Nk=Nk, d=8, device=device)
+    mask = window_mask(Nq, Nk, window, causal=causal, device=device)
+    # SDPA gives NaN for a row with no visible key, the package 0
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).nan_to_num(0.0)
+    got = naive_attention(q, k, v, window_size=window, causal=causal)
+    assert rel_err(got, want) < 1e-12
+    assert (got[..., ~mask.any(-1), :] == 0).all()
+
+
+def test_alibi_matches_sdpa_with_the_bias(device):
+    import torch.nn.functional as F
+
+    q, k, v = make_qkv(B=2, H=4, Hkv=2, Nq=9, Nk=20, d=8, device=device)
+    slopes = torch.rand(2, 4, device=device)
+    i, j = torch.arange(9, device=device)[:, None] + 11, torch.arange(20, device=device)[None, :]
+    bias = -slopes.double()[:, :, None, None] * (i - j).abs()
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, enable_gqa=True)
+    assert rel_err(naive_attention(q, k, v, alibi_slopes=slopes), want) < 1e-12
+    # (H,) slopes are the same for every batch entry
+    same = slopes[:1].expand(2, 4).contiguous()
+    assert rel_err(naive_attention(q, k, v, alibi_slopes=slopes[0]), naive_attention(q, k, v, alibi_slopes=same)) == 0
+
+
+def test_softcap_and_dropout_follow_their_formulas(device):
+    q, k, v = make_qkv(B=1, H=2, Nq=7, Nk=11, d=8, device=device, scale_logits=10.0)
+    cap, p = 3.0, 0.25
+    keep = torch.rand(1, 2, 7, 11, generator=torch.Generator().manual_seed(1)).to(device) >= p
+    s = cap * torch.tanh(q @ k.transpose(-2, -1) / math.sqrt(8) / cap)
+    want = (torch.softmax(s, -1) * keep / (1 - p)) @ v
+    got = naive_attention(q, k, v, softcap=cap, dropout_p=p, dropout_mask=keep)
+    assert rel_err(got, want) < 1e-12
+    with pytest.raises(ValueError, match="dropout_mask"):
+        naive_attention(q, k, v, dropout_p=p)
+
+
+def test_upcast_false_computes_in_the_low_precision(device):
+    q, k, v = make_qkv(B=1, H=2, Nq=64, Nk=64, d=32, dtype=torch.float16, device=device, scale_logits=3.0)
+    ref = naive_attention(q.double(), k.double(), v.double())
+    high, low = naive_attention(q, k, v), naive_attention(q, k, v, upcast=False)
+    assert low.dtype == high.dtype == torch.float16
+    # both round to float16 at the end; computing in float16 adds the error of every step on top
+    assert rel_err(high, ref) < rel_err(low, ref) < 1e-2
