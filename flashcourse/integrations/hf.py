@@ -17,7 +17,9 @@ API, and it maintains the machinery around one, which this module reuses rather 
   padded (causal masking and windows are the kernel's job, not a mask's);
 - where the kernels come from: transformers looks flash-attn's functions up, by backend name, in
   ``modeling_flash_attention_utils._lazy_imports``; for "flashcourse" it now gets flashcourse's
-  flash-attn compatible functions. Grouped-query heads need nothing: the kernels take H % Hkv == 0.
+  flash-attn compatible functions (``flash_attn_func``, ``flash_attn_varlen_func``,
+  ``flash_attn_with_kvcache`` for paged caches, ``unpad_input`` / ``pad_input``). Grouped-query heads
+  need nothing: the kernels take H % Hkv == 0.
 
 Decoding with a KV cache (``generate``) runs the same path: the cache hands the attention function
 all keys so far, and the bottom-right aligned causal mask lets the new queries see them all. Not
@@ -31,6 +33,11 @@ import logging
 import warnings
 
 import flashcourse
+
+if not flashcourse.HAS_TRITON:
+    raise ImportError("flashcourse's transformers backend runs the Triton kernels, and Triton runs on Linux only "
+                      "(on macOS or Windows use WSL2, a container or a hosted notebook: README.md, 'Which machines')")
+from flashcourse import flash_attn_interface  # noqa: E402  (needs Triton)
 
 try:
     from packaging.version import Version  # a dependency of transformers
@@ -66,14 +73,9 @@ def attention_forward(module, query, key, value, attention_mask, **kwargs):
 
 
 def _kernels():
-    """flash-attn's five functions, as transformers' ``_lazy_imports`` returns them, from flashcourse."""
-    missing = [name for name in ("flash_attn_func", "flash_attn_varlen_func") if not hasattr(flashcourse, name)]
-    if missing:
-        raise ImportError(f"this flashcourse has no {' or '.join(missing)}, which the transformers backend calls; "
-                          f"update the course (git pull) and reinstall it")
-    return (flashcourse.flash_attn_func, flashcourse.flash_attn_varlen_func,
-            getattr(flashcourse, "flash_attn_with_kvcache", None),  # paged caches (continuous batching) only
-            flash_utils._pad_input, flash_utils._unpad_input)
+    """flash-attn's five functions, in the order transformers' ``_lazy_imports`` returns them: flashcourse's."""
+    return (flashcourse.flash_attn_func, flashcourse.flash_attn_varlen_func, flashcourse.flash_attn_with_kvcache,
+            flash_attn_interface.pad_input, flash_attn_interface.unpad_input)
 
 
 def _plug_in_kernels() -> None:
