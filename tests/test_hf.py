@@ -15,9 +15,7 @@ import functools
 import pytest
 import torch
 
-transformers = pytest.importorskip(
-    "transformers", reason='needs Hugging Face transformers: pip install -e ".[hf]"'
-)
+transformers = pytest.importorskip("transformers", reason='needs Hugging Face transformers: pip install -e ".[hf]"')
 
 import flashcourse  # noqa: E402
 import flashcourse.integrations.hf as hf  # noqa: E402
@@ -28,8 +26,9 @@ SMALL = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_lay
 CONFIGS = {  # model -> (config, the backend it is compared with)
     "llama": (lambda: transformers.LlamaConfig(**SMALL), "sdpa"),
     "mistral": (lambda: transformers.MistralConfig(**SMALL, sliding_window=5), "sdpa"),
-    "gemma2": (lambda: transformers.Gemma2Config(**{**SMALL, "num_hidden_layers": 2}, sliding_window=5,  # windowed, full
-                                                 attn_logit_softcapping=2.0, query_pre_attn_scalar=8), "eager"),
+    "gemma2": (lambda: transformers.Gemma2Config(**{**SMALL, "num_hidden_layers": 2},  # a windowed and a full layer
+                                                 sliding_window=5, attn_logit_softcapping=2.0, query_pre_attn_scalar=8),
+               "eager"),
 }
 B, N = 2, 11  # batch, prompt length
 
@@ -56,9 +55,7 @@ def batch(padding, device):
         return ids.to(device), None
     mask = torch.ones(B, N, dtype=torch.long)
     for row, pad in enumerate((4, 1)):
-        mask[row, :pad] = 0 if padding == "left" else 1
-        if padding == "right":
-            mask[row, N - pad:] = 0
+        mask[row, slice(0, pad) if padding == "left" else slice(N - pad, N)] = 0
     return ids.to(device), mask.to(device)
 
 
