@@ -44,6 +44,7 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 
+from ._checks import check_attention_inputs, check_flag, softmax_scale
 from ._env import INTERPRET
 from .bench.check import rel_err
 from .reference import naive_attention
@@ -201,6 +202,92 @@ def check_fp8_device(device) -> None:
             f"{FP8_CAPABILITY[0]}.{FP8_CAPABILITY[1]}; this GPU, {torch.cuda.get_device_name(device)}, is "
             f"{major}.{minor}. {fallback}"
         )
+
+
+# ----------------------------------------------------------------------------------------------
+# The FP8 forward: flash_attention(..., fp8=True), or inputs already in e4m3 with their descale factors
+
+
+def _descale_blocks(name: str, t, B: int, H: int, N: int, device) -> torch.Tensor:
+    """A descale factor given per tensor (one number), per head (B, H) or per block of 128 rows
+    (B, H, ⌈N / 128⌉), as the kernel reads it: contiguous float32 (B, H, ⌈N / 128⌉) on ``device``."""
+    want = (f"{name} must be a float tensor: one number (per tensor), (B, H) = {(B, H)} (per head) or "
+            f"(B, H, ⌈N / {SCALE_BLOCK}⌉) = {(B, H, _blocks(N))} (per block of {SCALE_BLOCK} rows)")
+    if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+        raise TypeError(f"{want}, got {type(t).__name__ if not isinstance(t, torch.Tensor) else t.dtype}")
+    shaped = t.reshape(1, 1, 1) if t.numel() == 1 else t[..., None] if t.dim() == 2 else t
+    try:
+        return torch.broadcast_to(shaped.to(device=device, dtype=torch.float32), (B, H, _blocks(N))).contiguous()
+    except RuntimeError:
+        raise ValueError(f"{want}, got shape {tuple(t.shape)}") from None
+
+
+def _quantized_shapes(q, k, v):
+    """The sizes (B, H, Hkv, Nq, Nk, d) of inputs already in e4m3, checked as every attention input is."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dtype != E4M3:
+            got = t.dtype if isinstance(t, torch.Tensor) else type(t).__name__
+            raise TypeError(f"q is in torch.float8_e4m3fn, so k and v must be too (inputs already quantized, "
+                            f"e.g. by flashcourse.fp8.quantize); {name} is {got}")
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}; move all three to one device")
+    # the shape rules of every attention call, checked on shape-only copies
+    return check_attention_inputs(*(torch.empty(t.shape, device="meta") for t in (q, k, v)))
+
+
+def attention(q, k, v, *, causal: bool = False, scale: Optional[float] = None, return_lse: bool = False,
+              scaling: str = "block", rotate: bool = False, descale=None):
+    """The FP8 forward of ``flashcourse.flash_attention(..., fp8=True)``: O (B, H, Nq, d), and L with
+    ``return_lse``. Forward only.
+
+    q (B, H, Nq, d), k, v (B, Hkv, Nk, d) in float16, bfloat16 or float32 are quantized here
+    (``quantize_attention_inputs`` with ``scaling`` and, if ``rotate``, the Hadamard rotation of q and
+    k), and O comes back in q's dtype. Or q, k, v are already ``torch.float8_e4m3fn`` and ``descale``
+    = (q_descale, k_descale, v_descale) gives their factors, each one number, (B, H) per head, or per
+    block of 128 rows (``quantize``); O is then bfloat16. Needs FP8 tensor cores (``check_fp8_device``).
+    """
+    from .kernels.forward import MAX_HEAD_DIM, attention_forward  # here: this module runs without Triton
+
+    prequantized = isinstance(q, torch.Tensor) and q.dtype == E4M3
+    if prequantized:
+        B, H, Hkv, Nq, Nk, d = _quantized_shapes(q, k, v)
+        if check_flag("rotate", rotate):
+            raise ValueError("rotate=True rotates q and k before they are quantized; these are quantized already: "
+                             "rotate them before quantizing (flashcourse.fp8.quantize_attention_inputs)")
+        if not isinstance(descale, (tuple, list)) or len(descale) != 3:
+            raise TypeError("inputs already in torch.float8_e4m3fn need descale = (q_descale, k_descale, v_descale), "
+                            "the factors that multiply them back (x ≈ descale · x₈; flashcourse.fp8.quantize)")
+        descale = [_descale_blocks(name, t, B, h, n, q.device)
+                   for name, t, h, n in zip(("q_descale", "k_descale", "v_descale"), descale, (H, Hkv, Hkv),
+                                            (Nq, Nk, Nk))]
+        out_dtype = torch.bfloat16
+    else:
+        B, H, Hkv, Nq, Nk, d = check_attention_inputs(q, k, v)
+        if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            raise TypeError(f"fp8=True quantizes float16, bfloat16 or float32 inputs, got {q.dtype}")
+        if descale is not None:
+            raise ValueError("descale is for inputs already in torch.float8_e4m3fn; with fp8=True the inputs are "
+                             "quantized here and their factors computed")
+        check_scaling(scaling)
+        if check_flag("rotate", rotate):
+            hadamard_rotation(d)  # refuses a d that is not a power of two
+        out_dtype = q.dtype
+    if d > MAX_HEAD_DIM:
+        raise ValueError(f"head dim d = {d} is too large for the Triton kernels (d <= {MAX_HEAD_DIM})")
+    check_fp8_device(q.device)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        raise RuntimeError("the FP8 forward has no backward pass (FP8 is for inference here): call it under "
+                           "torch.no_grad() or on tensors that do not require grad, or train with fp8=False")
+    causal = check_flag("causal", causal)
+    check_flag("return_lse", return_lse)
+    scale = softmax_scale(scale, d)
+    if prequantized:
+        inputs = FP8Inputs(q, k, keys_contiguous(v), *descale)
+    else:
+        inputs = quantize_attention_inputs(q, k, v, scaling=scaling, rotate_qk=rotate)
+    o, lse = attention_forward(inputs.q, inputs.k, inputs.v, causal=causal, scale=scale, descale=inputs[3:],
+                               out_dtype=out_dtype)
+    return (o, lse) if return_lse else o
 
 
 # ----------------------------------------------------------------------------------------------

@@ -6,7 +6,11 @@ import math
 import pytest
 import torch
 
-from flashcourse import fp8, naive_attention
+from flashcourse import fp8, naive_attention  # first: on a CPU it switches Triton's interpreter on
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+from flashcourse.kernels.common import to_dtype  # noqa: E402
 from tests.helpers import make_qkv, rel_err
 
 E4M3_GRID = torch.arange(256, dtype=torch.uint8).view(fp8.E4M3).float()
@@ -164,3 +168,135 @@ def test_fp8_is_refused_on_a_gpu_without_fp8_tensor_cores(monkeypatch):
         fp8.check_fp8_device("cuda")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     fp8.check_fp8_device("cuda")  # Hopper passes
+
+
+@triton.jit
+def _to_e4m3(X, Y, N: tl.constexpr):
+    offs = tl.arange(0, N)
+    tl.store(Y + offs, to_dtype(tl.load(X + offs), tl.float8e4nv))
+
+
+def test_kernels_round_to_e4m3_as_torch_does(device):
+    """``to_dtype`` to e4m3 on every number around e4m3's grid: its values, the midpoints between
+    neighbours (ties go to even), just above and below them, past ±448 (saturated) and in the subnormals."""
+    grid = E4M3_VALUES.sort().values
+    mids = (grid[1:] + grid[:-1]) / 2
+    x = torch.cat([grid, mids, mids.nextafter(grid[1:]), mids.nextafter(grid[:-1]), torch.tensor([460.0, -1e4, 1e-9])])
+    x = torch.nn.functional.pad(x, (0, triton.next_power_of_2(len(x)) - len(x))).to(device)
+    y = torch.empty(len(x), dtype=fp8.E4M3, device=device)
+    _to_e4m3[(1,)](x, y, len(x))
+    assert torch.equal(y.float(), x.clamp(-448, 448).to(fp8.E4M3).float())
+
+
+# ------------------------------------------------------------------------------------------------
+# The FP8 kernel. flash_attention refuses FP8 without FP8 tensor cores, but Triton's interpreter runs
+# the same kernel (its e4m3 products are exact, and e4m3 rounding is done by hand there, as on a GPU):
+# these tests lift the refusal on the CPU to check the kernel's logic in CI. On a GPU they run there.
+
+
+@pytest.fixture
+def fp8_device(device, monkeypatch):
+    if device == "cpu":
+        monkeypatch.setattr(fp8, "check_fp8_device", lambda device: None)
+    elif torch.cuda.get_device_capability() < fp8.FP8_CAPABILITY:
+        pytest.skip("this GPU has no FP8 tensor cores (compute capability < 8.9)")
+    return device
+
+
+KERNEL_CASES = [
+    # B, H, Hkv, Nq, Nk, d, causal, scaling, rotate
+    (1, 2, 1, 70, 70, 32, False, "block", False),  # grouped heads
+    (1, 2, 2, 40, 150, 32, True, "block", True),  # Nq < Nk, 2 blocks of descale factors, the rotation
+    (2, 2, 1, 150, 133, 16, True, "tensor", False),  # Nq > Nk: 17 rows see no key; d padded to 32
+]
+
+
+@pytest.mark.parametrize("B, H, Hkv, Nq, Nk, d, causal, scaling, rotate", KERNEL_CASES)
+def test_fp8_forward_error_within_twice_the_references(fp8_device, B, H, Hkv, Nq, Nk, d, causal, scaling, rotate):
+    """Issue 19's rule: the error against float64 is at most twice that of attention in float32 on the
+    same e4m3 inputs. v's blocks differ 100-fold in size (the descale factor of V_j changes in the loop)."""
+    q, k, v = make_qkv(B=B, H=H, Hkv=Hkv, Nq=Nq, Nk=Nk, d=d, dtype=torch.float32, seed=Nq + Nk, device=fp8_device)
+    v = v * fp8.per_row(torch.tensor([1.0, 100.0], device=fp8_device)[: fp8._blocks(Nk)].expand(B, Hkv, -1), Nk)
+    o, lse = fc_flash_attention(q, k, v, causal=causal, fp8=True, fp8_scaling=scaling, rotate=rotate, return_lse=True)
+    assert o.dtype == q.dtype and lse.dtype == torch.float32
+    exact = naive_attention(q.double(), k.double(), v.double(), causal=causal)
+    ref, ref_lse = fp8.reference_attention(fp8.quantize_attention_inputs(q, k, v, scaling=scaling, rotate_qk=rotate),
+                                           causal=causal, dtype=torch.float64, return_lse=True)
+    assert rel_err(o, exact) <= 2 * rel_err(ref, exact)
+    # L is not touched by P's rounding: the reference's, up to float32 rounding (−inf for rows with no key)
+    torch.testing.assert_close(lse.double(), ref_lse, rtol=0, atol=1e-4)
+    if causal and Nq > Nk:
+        assert (o[:, :, : Nq - Nk] == 0).all()
+
+
+def test_fp8_kernel_writes_every_element(fp8_device):
+    from flashcourse.kernels.forward import attention_forward
+
+    q, k, v = make_qkv(B=1, H=2, Nq=33, Nk=47, d=24, dtype=torch.float32, device=fp8_device)
+    inputs = fp8.quantize_attention_inputs(q, k, v)
+    out = torch.full(q.shape, float("nan"), dtype=torch.float16, device=fp8_device)
+    o, lse = attention_forward(inputs.q, inputs.k, inputs.v, causal=True, scale=0.2, descale=inputs[3:], out=out)
+    ref = fp8.reference_attention(inputs, causal=True, scale=0.2)
+    assert o is out and torch.isfinite(o).all() and torch.isfinite(lse).all()
+    assert rel_err(o, ref) < 0.05
+
+
+def test_fp8_inputs_already_quantized_give_the_same_output(fp8_device):
+    """Inputs in e4m3 with their descale factors (per block, or one number per tensor) run the same
+    kernel on the same numbers as fp8=True; v in its ordinary layout is stored key-major for it."""
+    q, k, v = make_qkv(B=1, H=2, Nq=20, Nk=140, d=32, dtype=torch.bfloat16, device=fp8_device)
+    for scaling in fp8.SCALINGS:
+        (q8, qd), (k8, kd), (v8, vd) = (fp8.quantize(t, scaling) for t in (q, k, v))
+        if scaling == "tensor":
+            qd, kd, vd = qd[0, 0, 0], kd.flatten()[:1], vd[:1, :1, 0]  # one number each, in three shapes
+        o8 = fc_flash_attention(q8, k8, v8, descale=(qd, kd, vd), causal=True)
+        o = fc_flash_attention(q, k, v, fp8=True, fp8_scaling=scaling, causal=True)
+        assert o8.dtype == torch.bfloat16 and torch.equal(o8, o)
+
+
+def test_fp8_forward_refuses_a_gradient(fp8_device):
+    q, k, v = make_qkv(Nq=8, d=16, dtype=torch.float32, device=fp8_device)
+    with pytest.raises(RuntimeError, match=r"no backward.*torch.no_grad\(\)"):
+        fc_flash_attention(q.requires_grad_(), k, v, fp8=True)
+    with torch.no_grad():
+        fc_flash_attention(q, k, v, fp8=True)
+
+
+def fc_flash_attention(*args, **kwargs):
+    from flashcourse import flash_attention
+
+    return flash_attention(*args, **kwargs)
+
+
+# ------------------------------------------------------------------------------------------------
+# What flash_attention says on a machine without FP8, and about arguments FP8 does not take
+
+
+def test_flash_attention_refuses_fp8_on_the_cpu():
+    q, k, v = make_qkv(Nq=8, d=16, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match=r"FP8 tensor cores.*interpreter.*fp8=False"):
+        fc_flash_attention(q, k, v, fp8=True)
+    inputs = fp8.quantize_attention_inputs(q, k, v)
+    with pytest.raises(RuntimeError, match=r"FP8 tensor cores"):
+        fc_flash_attention(*inputs[:3], descale=inputs[3:])
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(fp8=True, softcap=5.0), r"causal, scale and return_lse only, not softcap"),
+    (dict(fp8=True, window_size=(4, 0), dropout_p=0.1), r"not window_size, dropout_p"),
+    (dict(rotate=True), r"pass fp8=True with them"),
+    (dict(fp8=True, fp8_scaling="row"), r"'tensor'.*'block'"),
+    (dict(fp8=True, rotate=True, d=24), r"power of two.*rotate=False"),
+    (dict(fp8=True, descale=(1.0, 1.0, 1.0)), r"descale is for inputs already in torch.float8_e4m3fn"),
+    (dict(quantized=True), r"need descale = \(q_descale, k_descale, v_descale\)"),
+    (dict(quantized=True, descale=(torch.ones(3), torch.ones(1), torch.ones(1))), r"q_descale must be .*got shape \(3,\)"),
+    (dict(quantized=True, descale=(torch.ones(1), 1.0, torch.ones(1))), r"k_descale must be a float tensor"),
+    (dict(quantized=True, rotate=True), r"quantized already"),
+])
+def test_fp8_arguments_are_checked_with_what_to_do(kwargs, message):
+    kwargs = dict(kwargs)
+    q, k, v = make_qkv(Nq=8, d=kwargs.pop("d", 16), dtype=torch.float32)
+    if kwargs.pop("quantized", False):
+        q, k, v = (fp8.quantize(t)[0] for t in (q, k, v))
+    with pytest.raises((TypeError, ValueError), match=message):
+        fc_flash_attention(q, k, v, **kwargs)
