@@ -1,6 +1,7 @@
 """FP8 attention's host side on the CPU: quantization and its scales, the Hadamard rotation, V's layout,
 the accuracy reference, and the refusal where there are no FP8 tensor cores (issue 19)."""
 
+import json
 import math
 
 import pytest
@@ -300,3 +301,17 @@ def test_fp8_arguments_are_checked_with_what_to_do(kwargs, message):
         q, k, v = (fp8.quantize(t)[0] for t in (q, k, v))
     with pytest.raises((TypeError, ValueError), match=message):
         fc_flash_attention(q, k, v, **kwargs)
+
+
+@pytest.mark.slow
+def test_fp8_benchmark_runs_every_part_at_toy_sizes(tmp_path, fp8_device):
+    """benchmarks/fp8.py --tiny: speed rows for each FP8 configuration, the error table, JSON and Markdown."""
+    from tests.test_bench import script
+
+    assert script("fp8").main([str(tmp_path), "--tiny", "--name", "toy"]) == 0
+    data = json.loads((tmp_path / "toy.json").read_text())
+    assert data["plan"] == "tiny" and data["provenance"]["command"] == "python3 benchmarks/fp8.py OUT --tiny"
+    assert [r["status"] for r in data["speed"]] == ["ok", "ok"]
+    assert all(c["status"] == "ok" for r in data["speed"] for c in r["fp8"])
+    assert len(data["errors"]) == 8 and all(r["fp8_kernel"] <= 2 * r["reference"] for r in data["errors"])
+    assert "| outlier channels | 64 | block | yes |" in (tmp_path / "toy.md").read_text()

@@ -54,7 +54,7 @@ P_SHIFT: tl.constexpr = tl.constexpr(8.0)
 def _load_kv_tile(
     src, pages, start_n, cols, stride_row, stride_col, stride_page, k_start, page_size, Nk,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASK_ROWS: tl.constexpr, USE_TMA: tl.constexpr,
-    KEY_MAJOR: tl.constexpr = False,
+    KEY_MAJOR: tl.constexpr,
 ):
     """The (B_c, BLOCK_D) tile K_j or V_j starting at key start_n, zero past Nk and past HEAD_DIM.
 
@@ -103,7 +103,7 @@ def _attn_fwd_inner(
         start_n = tl.multiple_of(start_n, BLOCK_N)
         offs_n = start_n + tl.arange(0, BLOCK_N)
         K_j = _load_kv_tile(K_src, pages, start_n, offs_d, stride_kn, stride_kd, stride_kb, k_start, page_size, Nk,
-                            HEAD_DIM, BLOCK_N, MASKED, USE_TMA)
+                            HEAD_DIM, BLOCK_N, MASKED, USE_TMA, False)
         # S_ij = Q_i K_jᵀ                                        (B_r, B_c), float32
         s = dot(q, tl.trans(K_j), None, UPCAST, DOT_PRECISION)
         if FP8:
@@ -169,7 +169,7 @@ def _store_probs(
     for start_n in range(start, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         K_j = _load_kv_tile(K_head, pages, start_n, offs_d, stride_kn, stride_kd, stride_kb, k_start, page_size, Nk,
-                            HEAD_DIM, BLOCK_N, True, False)
+                            HEAD_DIM, BLOCK_N, True, False, False)
         s = dot(q, tl.trans(K_j), None, UPCAST, DOT_PRECISION)
         x, c, _ = scores(s, offs_m[:, None], offs_n[None, :], Nk, offset, qk_scale, left, right,
                          softcap_scale, softcap_log2, slope_log2, True, LEFT_LIMIT, RIGHT_LIMIT, SOFTCAP, ALIBI)
@@ -270,7 +270,8 @@ def _attn_fwd_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     v_descale = 1.0
     if FP8:
-        tl.static_assert(SCALE_BLOCK % BLOCK_M == 0 and SCALE_BLOCK % BLOCK_N == 0)
+        tl.static_assert(SCALE_BLOCK % BLOCK_M == 0)
+        tl.static_assert(SCALE_BLOCK % BLOCK_N == 0)
         # this head's descale factors: Q_i lies in one block of SCALE_BLOCK rows, so δ_q is one number
         q_descale = tl.load(Q_DESCALE + pid_bh.to(tl.int64) * tl.cdiv(Nq_max, SCALE_BLOCK) + start_m // SCALE_BLOCK)
         kv_blocks = (b * (H // GROUP) + h_kv).to(tl.int64) * tl.cdiv(Nk_max, SCALE_BLOCK)
