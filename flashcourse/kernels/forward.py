@@ -102,14 +102,19 @@ def _attn_fwd_inner(
     for start_n in range(start, end, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         offs_n = start_n + tl.arange(0, BLOCK_N)
+        if FP8:
+            # δ_k, δ_v of this block (B_c divides SCALE_BLOCK: one number each), asked for first so that
+            # their latency hides behind Q_i K_jᵀ
+            k_descale_j = tl.load(K_DESCALE + start_n // SCALE_BLOCK)
+            v_descale_j = tl.load(V_DESCALE + start_n // SCALE_BLOCK)
         K_j = _load_kv_tile(K_src, pages, start_n, offs_d, stride_kn, stride_kd, stride_kb, k_start, page_size, Nk,
                             HEAD_DIM, BLOCK_N, MASKED, USE_TMA, False)
         # S_ij = Q_i K_jᵀ                                        (B_r, B_c), float32
         s = dot(q, tl.trans(K_j), None, UPCAST, DOT_PRECISION)
         if FP8:
-            # S_ij = δ_q δ_k(j) · Q₈_i K₈_jᵀ: one number per tile (B_c divides SCALE_BLOCK), which joins
-            # the softmax's scale, so the float32 tile is never multiplied by it on its own
-            descale = q_descale * tl.load(K_DESCALE + start_n // SCALE_BLOCK)
+            # S_ij = δ_q δ_k(j) · Q₈_i K₈_jᵀ: one number per tile, which joins the softmax's scale, so the
+            # float32 tile is never multiplied by it on its own
+            descale = q_descale * k_descale_j
             tile_scale = qk_scale * descale
             tile_softcap_scale = softcap_scale * descale
         else:
@@ -145,7 +150,6 @@ def _attn_fwd_inner(
         if FP8:
             # O_i = Σ_j δ_v(j) P̃_ij V₈_j, kept as acc_i = O_i / δ_v(j) of the latest block j: the
             # ratio of the old and new descale factors rides along with α
-            v_descale_j = tl.load(V_DESCALE + start_n // SCALE_BLOCK)
             alpha = alpha * (v_descale / v_descale_j)
             v_descale = v_descale_j
         # acc_i = α acc_i + P̃_ij V_j             (P̃_ij rounded to V's dtype; still unnormalised)
