@@ -290,7 +290,8 @@ def test_flash_attention_refuses_fp8_on_the_cpu():
     (dict(fp8=True, rotate=True, d=24), r"power of two.*rotate=False"),
     (dict(fp8=True, descale=(1.0, 1.0, 1.0)), r"descale is for inputs already in torch.float8_e4m3fn"),
     (dict(quantized=True), r"need descale = \(q_descale, k_descale, v_descale\)"),
-    (dict(quantized=True, descale=(torch.ones(3), torch.ones(1), torch.ones(1))), r"q_descale must be .*got shape \(3,\)"),
+    (dict(quantized=True, descale=(torch.ones(3), torch.ones(1), torch.ones(1))),
+     r"q_descale must be .*got shape \(3,\)"),
     (dict(quantized=True, descale=(torch.ones(1), 1.0, torch.ones(1))), r"k_descale must be a float tensor"),
     (dict(quantized=True, rotate=True), r"quantized already"),
 ])

@@ -292,21 +292,24 @@ def _attn_fwd_kernel(
     lo, mid_lo, mid_hi, hi = split_range(lo, mid_lo, mid_hi, hi, split, tl.num_programs(2), BLOCK_N)
     if LEFT_LIMIT:
         acc, l_i, m_i, v_descale = _attn_fwd_inner(
-            acc, l_i, m_i, v_descale, q, q_descale, K_DESCALE, V_DESCALE, K_src, V_src, pages, stride_kn, stride_kd, stride_vn, stride_vd, stride_kb, stride_vb,
+            acc, l_i, m_i, v_descale, q, q_descale, K_DESCALE, V_DESCALE,
+            K_src, V_src, pages, stride_kn, stride_kd, stride_vn, stride_vd, stride_kb, stride_vb,
             k_start, page_size, offs_m, offs_d, lo, mid_lo, pid_bh, Nk, offset, Nq_max, Nk_max,
             qk_scale, left, right, softcap_scale, softcap_log2, slope_log2, dropout_p, seed, philox_offset,
             True, LEFT_LIMIT, RIGHT_LIMIT, SOFTCAP, ALIBI, DROPOUT,
             HEAD_DIM, BLOCK_M, BLOCK_N, UPCAST, DOT_PRECISION, USE_TMA, FP8,
         )
     acc, l_i, m_i, v_descale = _attn_fwd_inner(
-        acc, l_i, m_i, v_descale, q, q_descale, K_DESCALE, V_DESCALE, K_src, V_src, pages, stride_kn, stride_kd, stride_vn, stride_vd, stride_kb, stride_vb,
+        acc, l_i, m_i, v_descale, q, q_descale, K_DESCALE, V_DESCALE,
+        K_src, V_src, pages, stride_kn, stride_kd, stride_vn, stride_vd, stride_kb, stride_vb,
         k_start, page_size, offs_m, offs_d, mid_lo, mid_hi, pid_bh, Nk, offset, Nq_max, Nk_max,
         qk_scale, left, right, softcap_scale, softcap_log2, slope_log2, dropout_p, seed, philox_offset,
         False, LEFT_LIMIT, RIGHT_LIMIT, SOFTCAP, ALIBI, DROPOUT,
         HEAD_DIM, BLOCK_M, BLOCK_N, UPCAST, DOT_PRECISION, USE_TMA, FP8,
     )
     acc, l_i, m_i, v_descale = _attn_fwd_inner(
-        acc, l_i, m_i, v_descale, q, q_descale, K_DESCALE, V_DESCALE, K_src, V_src, pages, stride_kn, stride_kd, stride_vn, stride_vd, stride_kb, stride_vb,
+        acc, l_i, m_i, v_descale, q, q_descale, K_DESCALE, V_DESCALE,
+        K_src, V_src, pages, stride_kn, stride_kd, stride_vn, stride_vd, stride_kb, stride_vb,
         k_start, page_size, offs_m, offs_d, mid_hi, hi, pid_bh, Nk, offset, Nq_max, Nk_max,
         qk_scale, left, right, softcap_scale, softcap_log2, slope_log2, dropout_p, seed, philox_offset,
         True, LEFT_LIMIT, RIGHT_LIMIT, SOFTCAP, ALIBI, DROPOUT,
