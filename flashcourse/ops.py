@@ -22,6 +22,7 @@ from ._checks import (
     check_window_size,
     softmax_scale,
 )
+from .fp8 import attention as fp8_attention
 from .kernels.common import check_kernel_device
 from .kernels.forward import MAX_HEAD_DIM, PROBS_PADDING, attention_forward
 from .kernels.scores import new_rng_state
@@ -277,7 +278,8 @@ def check_sequences(q, k, seqs: Sequences) -> Sequences:
 
 def flash_attention(q, k, v, *, causal: bool = False, scale: Optional[float] = None, return_lse: bool = False,
                     window_size=(-1, -1), softcap: float = 0.0, alibi_slopes: Optional[torch.Tensor] = None,
-                    dropout_p: float = 0.0, return_attn_probs: bool = False):
+                    dropout_p: float = 0.0, return_attn_probs: bool = False, fp8: bool = False,
+                    fp8_scaling: str = "block", rotate: bool = False, descale=None):
     """O = softmax(scale · Q Kᵀ) V by the Triton FlashAttention kernels; differentiable in q, k, v.
 
     q: (B, H, Nq, d); k, v: (B, Hkv, Nk, d) with H % Hkv == 0, any strides; float16, bfloat16 or
@@ -305,7 +307,28 @@ def flash_attention(q, k, v, *, causal: bool = False, scale: Optional[float] = N
     "high" or "medium" in TF32 on the tensor cores (set it before the call). NaN or +inf reaching a
     score makes its row NaN, as in SDPA; the inputs are not inspected (that would cost a GPU sync).
     The backward is deterministic: a second run gives bitwise the same gradients.
+
+    FP8 (forward only, GPUs of compute capability >= 8.9 such as the H100; ``flashcourse.fp8``):
+    ``fp8=True`` quantizes q, k, v to e4m3 with one scale per tensor or per block of 128 rows
+    (``fp8_scaling`` "tensor" or "block"), after a random Hadamard rotation of q and k with ``rotate``
+    (FlashAttention-3's incoherent processing; d a power of two), and runs both matmuls on FP8 tensor
+    cores; O comes back in q's dtype. Inputs already in ``torch.float8_e4m3fn`` are taken with
+    ``descale`` = (q_descale, k_descale, v_descale) (O in bfloat16). Takes ``causal``, ``scale`` and
+    ``return_lse``, not the other options.
     """
+    if fp8 or descale is not None or (isinstance(q, torch.Tensor) and q.dtype == torch.float8_e4m3fn):
+        check_flag("fp8", fp8)
+        defaults = dict(window_size=check_window_size(window_size) == (-1, -1), softcap=softcap == 0,
+                        alibi_slopes=alibi_slopes is None, dropout_p=dropout_p == 0,
+                        return_attn_probs=return_attn_probs is False)
+        if not all(defaults.values()):
+            raise ValueError(f"FP8 attention takes causal, scale and return_lse only, not "
+                             f"{', '.join(name for name, default in defaults.items() if not default)}: "
+                             f"use fp8=False for those")
+        return fp8_attention(q, k, v, causal=causal, scale=scale, return_lse=return_lse, scaling=fp8_scaling,
+                             rotate=rotate, descale=descale)
+    if rotate is not False or fp8_scaling != "block":
+        raise ValueError("rotate and fp8_scaling choose how fp8=True quantizes q, k, v: pass fp8=True with them")
     check_flag("return_lse", return_lse)
     o, lse, probs = flash_attention_outputs(
         q, k, v, causal=causal, scale=scale, window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes,

@@ -1,12 +1,15 @@
 """What every Triton kernel of the course shares: how it runs here, a dot and a cast that are right
 everywhere, and masked tile loads and stores.
 
-Two traps of Triton's CPU interpreter (seen with Triton 3.9) are handled here, once:
+Three traps of Triton's CPU interpreter (seen with Triton 3.9) are handled here, once:
 - ``tl.dot`` multiplies the raw bit patterns of bfloat16 operands, which gives garbage: ``dot``
   upcasts them to float32 there (``UPCAST``);
 - ``x.to(tl.bfloat16)`` truncates float32 instead of rounding to nearest even as a GPU does:
-  ``to_dtype`` rounds by bit arithmetic there.
-On a GPU both are plain ``tl.dot`` and ``.to``: the interpreter branches are compile-time constants.
+  ``to_dtype`` rounds by bit arithmetic there;
+- ``x.to(tl.float8e4nv)`` (e4m3, FP8) loses the carry when rounding up reaches the next power of two
+  (127.5 becomes 64, not 128), rounds ties away from zero, and mis-rounds subnormals: ``to_dtype``
+  rounds to the e4m3 grid by hand there, as the GPU's ``cvt.rn.satfinite`` does.
+On a GPU these are plain ``tl.dot`` and ``.to``: the interpreter branches are compile-time constants.
 """
 
 import contextlib
@@ -18,8 +21,10 @@ import triton.language as tl
 
 from .._env import INTERPRET
 
-# float32 -> bfloat16 rounds by hand only in the interpreter (a compile-time constant of every kernel)
+# float32 -> bfloat16 and -> e4m3 round by hand only in the interpreter (a compile-time constant of every kernel)
 ROUND_BF16_BY_HAND: tl.constexpr = tl.constexpr(INTERPRET)
+E4M3_SMALLEST_NORMAL: tl.constexpr = tl.constexpr(2.0**-6)
+E4M3_MAX: tl.constexpr = tl.constexpr(448.0)
 
 
 def upcast_dots(dtype: torch.dtype) -> bool:
@@ -48,7 +53,7 @@ def to_dtype(x, dtype: tl.constexpr):
     """The float32 tile x as ``dtype``, rounded to nearest (ties to even) on the GPU and in the interpreter.
 
     Every narrowing cast of the kernels goes through here: P and dS before their dots (in ``dot``),
-    and the stores of O, dQ, dK, dV.
+    and the stores of O, dQ, dK, dV. To e4m3 (``tl.float8e4nv``) it saturates at ±448.
     """
     if ROUND_BF16_BY_HAND and dtype == tl.bfloat16:
         bits = x.to(tl.uint32, bitcast=True)
@@ -57,8 +62,24 @@ def to_dtype(x, dtype: tl.constexpr):
         # a NaN stays a (quiet) NaN: the carry could have turned its payload into inf or a sign flip
         bits = tl.where(x != x, bits | 0x400000, rounded)
         return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    elif ROUND_BF16_BY_HAND and dtype == tl.float8e4nv:
+        # the value on e4m3's grid, in float32, which the interpreter then converts exactly
+        return _round_to_e4m3(x).to(dtype)
     else:
         return x.to(dtype)
+
+
+@triton.jit
+def _round_to_e4m3(x):
+    """x rounded to the nearest e4m3 number (ties to even), saturated at ±448, as float32."""
+    bits = x.to(tl.uint32, bitcast=True)
+    # normal numbers keep 3 of float32's 23 mantissa bits: round half to even at bit 20 (a carry out of
+    # the mantissa raises the exponent, as it should)
+    normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & 0xFFF00000).to(tl.float32, bitcast=True)
+    # subnormals (|x| < 2⁻⁶) are multiples of 2⁻⁹: float32's own addition rounds to them (2¹⁴ = 2⁻⁹ · 2²³)
+    tiny = (tl.abs(x) + 16384.0) - 16384.0
+    rounded = tl.where(tl.abs(x) < E4M3_SMALLEST_NORMAL, tl.where(x < 0, -tiny, tiny), normal)
+    return tl.where(x != x, x, tl.minimum(tl.maximum(rounded, -E4M3_MAX), E4M3_MAX))
 
 
 @triton.jit

@@ -68,6 +68,11 @@ CANDIDATES = {
         (64, 4): [(128, 64, 8, 3), (64, 64, 4, 3)],
         (128, 4): [(64, 64, 4, 2), (128, 32, 8, 3)],
         (256, 4): [(64, 32, 4, 2), (32, 32, 4, 2)],
+        # FP8 (e4m3, 1 byte; flashcourse.fp8): B_r = 128 and B_c of 64 or 128 rows (both divide the
+        # 128 rows that share a descale factor); few candidates, for a short compile
+        (64, 1): [(128, 128, 4, 3), (128, 64, 4, 3), (128, 128, 8, 3)],
+        (128, 1): [(128, 128, 8, 3), (128, 64, 4, 3), (128, 64, 8, 3)],
+        (256, 1): [(128, 64, 8, 2), (64, 64, 4, 2)],
     },
     # decoding (Nq <= 16 rows, e.g. one token, or the H / Hkv query heads of a group as rows): B_r = 16,
     # the smallest tile ``tl.dot`` takes, and long key blocks; memory-bound, so few warps and deep
