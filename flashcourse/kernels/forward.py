@@ -71,13 +71,15 @@ def _attn_fwd_inner(
     MASKED: tl.constexpr, LEFT_LIMIT: tl.constexpr, RIGHT_LIMIT: tl.constexpr, SOFTCAP: tl.constexpr,
     ALIBI: tl.constexpr, DROPOUT: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
+    WARP_SPECIALIZE: tl.constexpr,
 ):
     """Fold the key blocks K_j, V_j with start <= j·B_c < end into (acc, l_i, m_i).
 
     m_i and the scores are in base-2 units (scaled by log2 e). MASKED blocks hide the keys outside
-    the window and past Nk (``scores``); the others are seen whole by every row.
+    the window and past Nk (``scores``); the others are seen whole by every row. WARP_SPECIALIZE asks
+    Triton to split the loop into warps that load and warps that compute (an experiment, off by default).
     """
-    for start_n in range(start, end, BLOCK_N):
+    for start_n in tl.range(start, end, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         offs_n = start_n + tl.arange(0, BLOCK_N)
         K_j = _load_kv_tile(K_src, pages, start_n, offs_d, stride_kn, stride_kd, stride_kb, k_start, page_size, Nk,
@@ -155,7 +157,7 @@ def _attn_fwd_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     LEFT_LIMIT: tl.constexpr, RIGHT_LIMIT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
     DROPOUT: tl.constexpr, RETURN_PROBS: tl.constexpr,
-    USE_TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """O_i, L_i for one block of B_r = BLOCK_M query rows of one (sequence, head), over one split of its keys.
 
@@ -165,7 +167,7 @@ def _attn_fwd_kernel(
     stride_lh). With several splits, program (·, ·, s) writes its partial O_i, L_i at O + s · stride_os,
     L + s · stride_ls (``splitkv.py`` merges them). P receives the unnormalised probabilities when
     RETURN_PROBS. N_BUCKET and TMA_MODE are read only by the autotuner (its key); USE_TMA loads K_j,
-    V_j through tensor descriptors.
+    V_j through tensor descriptors; WARP_SPECIALIZE warp-specializes the key loops (an experiment).
     """
     pid_m = tl.program_id(0)
     if RIGHT_LIMIT:
@@ -229,21 +231,21 @@ def _attn_fwd_kernel(
             k_start, page_size, offs_m, offs_d, lo, mid_lo, pid_bh, Nk, offset, Nq_max, Nk_max,
             qk_scale, left, right, softcap_scale, softcap_log2, slope_log2, dropout_p, seed, philox_offset,
             True, LEFT_LIMIT, RIGHT_LIMIT, SOFTCAP, ALIBI, DROPOUT,
-            HEAD_DIM, BLOCK_M, BLOCK_N, UPCAST, DOT_PRECISION, USE_TMA,
+            HEAD_DIM, BLOCK_M, BLOCK_N, UPCAST, DOT_PRECISION, USE_TMA, WARP_SPECIALIZE,
         )
     acc, l_i, m_i = _attn_fwd_inner(
         acc, l_i, m_i, q, K_src, V_src, pages, stride_kn, stride_kd, stride_vn, stride_vd, stride_kb, stride_vb,
         k_start, page_size, offs_m, offs_d, mid_lo, mid_hi, pid_bh, Nk, offset, Nq_max, Nk_max,
         qk_scale, left, right, softcap_scale, softcap_log2, slope_log2, dropout_p, seed, philox_offset,
         False, LEFT_LIMIT, RIGHT_LIMIT, SOFTCAP, ALIBI, DROPOUT,
-        HEAD_DIM, BLOCK_M, BLOCK_N, UPCAST, DOT_PRECISION, USE_TMA,
+        HEAD_DIM, BLOCK_M, BLOCK_N, UPCAST, DOT_PRECISION, USE_TMA, WARP_SPECIALIZE,
     )
     acc, l_i, m_i = _attn_fwd_inner(
         acc, l_i, m_i, q, K_src, V_src, pages, stride_kn, stride_kd, stride_vn, stride_vd, stride_kb, stride_vb,
         k_start, page_size, offs_m, offs_d, mid_hi, hi, pid_bh, Nk, offset, Nq_max, Nk_max,
         qk_scale, left, right, softcap_scale, softcap_log2, slope_log2, dropout_p, seed, philox_offset,
         True, LEFT_LIMIT, RIGHT_LIMIT, SOFTCAP, ALIBI, DROPOUT,
-        HEAD_DIM, BLOCK_M, BLOCK_N, UPCAST, DOT_PRECISION, USE_TMA,
+        HEAD_DIM, BLOCK_M, BLOCK_N, UPCAST, DOT_PRECISION, USE_TMA, WARP_SPECIALIZE,
     )
 
     # O_i = acc_i / l_i, one division at the end; a row that saw no key (l_i = 0) gets O_i = 0
