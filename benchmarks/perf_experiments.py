@@ -329,7 +329,7 @@ def table(results, mode: str, head_dims) -> str:
     providers = list(dict.fromkeys(p for row in shapes.values() for p in row))
     ours = [p for p in providers if p.startswith("flashcourse")]
     cols = ["dtype", "d", "causal", "N"] + [short(p) for p in providers] + [
-        "default ÷ cudnn", "best ours", "best ÷ cudnn", "best ÷ flash", "best ÷ best SDPA"]
+        "default ÷ cudnn", "default ÷ best SDPA", "best ours", "best ÷ cudnn", "best ÷ best SDPA"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for (dtype, d, causal, N), row in sorted(shapes.items()):
         cells = [dtype, str(d), "yes" if causal else "no", str(N)]
@@ -343,10 +343,10 @@ def table(results, mode: str, head_dims) -> str:
                 times = ratio(row, p, "flashcourse") if p in ours and p != "flashcourse" else None
                 cells.append(f"{m.tflops:.3g}" + (f" ×{times:.2f}" if times else ""))
         top, sdpa = best(row, "flashcourse"), best(row, "sdpa")
-        cells += [bench.fmt_value(ratio(row, "flashcourse", "sdpa-cudnn"), ".2f"), short(top) if top else "n/a",
-                  bench.fmt_value(top and ratio(row, top, "sdpa-cudnn"), ".2f"),
-                  bench.fmt_value(top and ratio(row, top, "sdpa-flash"), ".2f"),
-                  bench.fmt_value(top and sdpa and ratio(row, top, sdpa), ".2f") + (f" ({sdpa})" if sdpa else "")]
+        cells += [bench.fmt_value(ratio(row, "flashcourse", "sdpa-cudnn"), ".2f"),
+                  bench.fmt_value(sdpa and ratio(row, "flashcourse", sdpa), ".2f") + (f" ({sdpa})" if sdpa else ""),
+                  short(top) if top else "n/a", bench.fmt_value(top and ratio(row, top, "sdpa-cudnn"), ".2f"),
+                  bench.fmt_value(top and sdpa and ratio(row, top, sdpa), ".2f")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -402,7 +402,6 @@ def report(results, prov: dict, extra: dict, grid_dims, row_dims) -> str:
         parts.append("## C. long context (fwd+bwd)\n\n" + table(results, "fwd+bwd", row_dims + grid_dims))
     for mode in ("fwd", "bwd"):
         parts.append(f"## D. {mode}, other head dims\n\n{table(results, mode, row_dims)}")
-    parts.append("## Decisions\n\n" + "\n".join(decisions(results, grid_dims, extra)))
     problems = [p for p in extra.get("precompile", []) if p["problem"]]
     if problems:
         parts.append("## Did not compile or run while precompiling\n\n" + "\n".join(
@@ -410,6 +409,8 @@ def report(results, prov: dict, extra: dict, grid_dims, row_dims) -> str:
             for p in problems))
     if extra.get("not_started"):
         parts.append("## Not started (time budget)\n\n" + "\n".join(f"- {s}" for s in extra["not_started"]))
+    # last, so that it ends the printed output
+    parts.append("## Decisions\n\n" + "\n".join(decisions(results, grid_dims, extra)))
     return "\n\n".join(parts) + "\n"
 
 
@@ -448,12 +449,16 @@ def main(argv=None) -> int:
                  variants={v.name: v._asdict() for d in grid_dims for v in sum(variants_for(d, a.quick), [])},
                  precompile=[], not_started=[])
 
-    def record(part: str, final: bool = False) -> None:
+    def save(final: bool = False) -> None:
+        """The files so far (after every shape: a run cut short keeps what it measured)."""
         extra["seconds"] = run.seconds()
         try:
             bench.save(run.results, a.out, name, command=command, extra=extra, plot_file=final and not a.quick)
-        except Exception as exc:  # keep measuring: the next part saves again
-            print(f"saving after {part} failed: {type(exc).__name__}: {exc}", flush=True)
+        except Exception as exc:  # keep measuring: the next shape saves again
+            print(f"saving failed: {type(exc).__name__}: {exc}", flush=True)
+
+    def record(part: str, final: bool = False) -> None:
+        save(final)
         print(f"[{extra['seconds']:5.0f} s] {part} done; files under {a.out}", flush=True)
 
     if torch.cuda.is_available() and a.precompile > 0:
@@ -462,19 +467,22 @@ def main(argv=None) -> int:
         outcome = precompile(jobs, a.precompile, run.until("precompile"))
         extra["precompile"] = [dict(variant=j.variant.name, mode=j.mode, dtype=j.dtype, d=j.d, causal=j.causal,
                                     problem=problem) for j, problem in outcome]
+        print(f"{sum(bool(problem) for _, problem in outcome)} of {len(jobs)} jobs did not compile or run", flush=True)
         record("compiling")
 
-    def shapes(part: str, measure) -> None:
+    def shapes(part: str, measurements) -> None:
+        """Every shape of ``part``, each (our variants, SDPA backends, mode) of ``measurements(d)`` on it."""
         for dtype, d, causal, N in grid_shapes(sizes[part]):
             if time.perf_counter() > run.until(part):
                 extra["not_started"].append(f"{part}: {dtype} d={d} causal={causal} N={N}")
                 continue
-            for found in measure(shape_spec(sizes[part], dtype, d, causal, N), d):
+            for variants, sdpa, mode in measurements(d):
+                found = run.measure(variants, sdpa, mode, shape_spec(sizes[part], dtype, d, causal, N))
                 print(progress_line(found, run.seconds()), flush=True)
+            save()
 
     print("A, B: the grid, forward and backward", flush=True)
-    shapes("grid", lambda spec, d: (run.measure(variants_for(d, a.quick)[0], SDPA, "fwd", spec),
-                                    run.measure(variants_for(d, a.quick)[1], SDPA, "bwd", spec)))
+    shapes("grid", lambda d: [(variants_for(d, a.quick)[0], SDPA, "fwd"), (variants_for(d, a.quick)[1], SDPA, "bwd")])
     record("A, B")
 
     print("C: long context", flush=True)
@@ -488,17 +496,16 @@ def main(argv=None) -> int:
     record("C")
 
     print("D: d = 96 and 256", flush=True)
-    shapes("rows", lambda spec, d: (run.measure([DEFAULT], ROW_SDPA, "fwd", spec),
-                                    run.measure([DEFAULT, ATOMIC], ROW_SDPA, "bwd", spec)))
+    shapes("rows", lambda d: [([DEFAULT], ROW_SDPA, "fwd"), ([DEFAULT, ATOMIC], ROW_SDPA, "bwd")])
     extra["seconds"] = run.seconds()
     text = report(run.results, prov, extra, grid_dims, row_dims)
     extra["tables"] = text
     record("D", final=True)
     Path(a.out, f"{name}.md").write_text(text)
-    print("\n" + text)
     bad = [m for m in run.results if m.status in ("failed", "error")]
     if bad:
         print(f"{len(bad)} measurement(s) failed their check or raised:\n" + bench.format_results(bad))
+    print("\n" + text)
     return 1 if bad else 0
 
 
