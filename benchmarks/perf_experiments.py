@@ -41,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # record.py
 import flashcourse  # noqa: E402  (before triton: on a CPU it switches the interpreter on)
 from flashcourse import bench  # noqa: E402
 from flashcourse.bench.report import card_name  # noqa: E402
+from record import SIZES as RECORDED  # noqa: E402
 from record import long_context_rows  # noqa: E402
 
 
@@ -80,13 +81,11 @@ SDPA = ["sdpa-flash", "sdpa-cudnn"]
 ROW_SDPA = ["sdpa-flash", "sdpa-cudnn", "sdpa-efficient"]
 
 SIZES = {
+    # the recorded run's grid, long context and timing (benchmarks/record.py), and the other head dims
     "full": dict(
-        grid=dict(dtypes=["float16", "bfloat16"], head_dims=[64, 128], causal=[False, True],
-                  seqlens=[1024, 4096, 16384], tokens=16384, hidden=2048),
-        long=dict(dtypes=["float16"], head_dims=[128], causal=[True], seqlens=[131072], batch=1, heads=16),
+        **{part: RECORDED["full"][part] for part in ("grid", "long", "timing")},
         rows=dict(dtypes=["bfloat16"], head_dims=[96, 256], causal=[False, True], seqlens=[1024, 4096, 16384],
                   tokens=16384, hidden=2048),
-        timing=dict(warmup_ms=25, rep_ms=100),
         precompile_n=1024,
     ),
     # every part and kind of variant at toy sizes (the d = 64 variants stand for all): CPU or GPU
