@@ -163,12 +163,25 @@ class Job(NamedTuple):
     N: int
 
 
-def compile_job(job: Job) -> str:
+# seconds after which a started job that has not ended is taken for dead (a compiler that crashed the
+# process, or a kernel that hangs): the autotuned ones compile every candidate, a pinned one only itself
+STALE_SECONDS = {True: 45, False: 150}
+_started = None  # in a compiling process: the queue on which each job says when it starts
+
+
+def _compiling_process(started) -> None:
+    global _started
+    _started = started
+
+
+def compile_job(index: int, job: Job) -> str:
     """Run one variant once at a small size (compiling every kernel it launches); '' or what went wrong.
 
     Small sizes with the same integer specialisations as the timed ones (H as in the grid; N, strides
     multiples of 16), so that the timing process finds every kernel in Triton's disk cache.
     """
+    if _started is not None:
+        _started.put((index, time.perf_counter()))
     try:
         import torch
 
@@ -213,11 +226,23 @@ def precompile(jobs: list, processes: int, deadline: float) -> list:
     variants new to Triton whose job failed or did not end as unavailable. Returns [(job, problem)]."""
     import multiprocessing
 
-    pool = multiprocessing.get_context("spawn").Pool(processes)
-    pending = [(job, pool.apply_async(compile_job, (job,))) for job in jobs]
-    while any(not result.ready() for _, result in pending) and time.perf_counter() < deadline:
+    context = multiprocessing.get_context("spawn")
+    started_queue = context.SimpleQueue()
+    pool = context.Pool(processes, initializer=_compiling_process, initargs=(started_queue,))
+    pending = [(job, pool.apply_async(compile_job, (i, job))) for i, job in enumerate(jobs)]
+    started = {}  # job index -> when it started (time.perf_counter is system-wide on Linux)
+
+    def dead(i: int) -> bool:
+        return i in started and time.perf_counter() - started[i] > STALE_SECONDS[bool(jobs[i].variant.pins)]
+
+    while time.perf_counter() < deadline:
+        while not started_queue.empty():
+            i, when = started_queue.get()
+            started[i] = when
+        if all(result.ready() or dead(i) for i, (_, result) in enumerate(pending)):
+            break
         time.sleep(0.5)
-    outcome = [(job, result.get() if result.ready() else "did not end within the time given to compiling")
+    outcome = [(job, result.get() if result.ready() else "did not end (a crash, a hang, or no time left)")
                for job, result in pending]
     pool.terminate()
     for job, problem in outcome:
