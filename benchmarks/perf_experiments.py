@@ -383,7 +383,7 @@ def spread(values) -> str:
     return f"×{mean:.3f} (min {min(values):.2f}, max {max(values):.2f}, {len(values)} shapes)"
 
 
-def decisions(results, grid_dims, extra: dict) -> list:
+def decisions(results, grid_dims, row_dims, extra: dict) -> list:
     """One line per question the run answers (benchmarks/NOTES_*.md say what each decides)."""
     lines = []
     for mode in ("fwd", "bwd"):
@@ -404,6 +404,11 @@ def decisions(results, grid_dims, extra: dict) -> list:
             if at_scale or everywhere:
                 lines.append(f"- {mode} {short(p)}: ÷ sdpa-cudnn at N >= 4096 {spread(at_scale)}; "
                              f"÷ sdpa-flash {spread(everywhere)}")
+    for mode in ("fwd", "bwd"):  # D: issue 18 asks for >= 1.0x the best SDPA backend on each row
+        for d in row_dims:
+            rows = [row for key, row in by_shape(results, mode).items() if key[1] == d]
+            vs = [r for row in rows if (top := best(row, "sdpa")) and (r := ratio(row, "flashcourse", top))]
+            lines.append(f"- {mode} d = {d}: default ÷ the best SDPA backend of each row {spread(vs)}")
     for r in extra.get("long_context") or []:
         cudnn = next((c for c in extra["long_context"] if c["provider"] == "sdpa-cudnn" and c["tflops"]), None)
         if r["tflops"] is None:
@@ -434,7 +439,7 @@ def report(results, prov: dict, extra: dict, grid_dims, row_dims) -> str:
     if extra.get("not_started"):
         parts.append("## Not started (time budget)\n\n" + "\n".join(f"- {s}" for s in extra["not_started"]))
     # last, so that it ends the printed output
-    parts.append("## Decisions\n\n" + "\n".join(decisions(results, grid_dims, extra)))
+    parts.append("## Decisions\n\n" + "\n".join(decisions(results, grid_dims, row_dims, extra)))
     return "\n\n".join(parts) + "\n"
 
 
