@@ -5,7 +5,8 @@ The forward and backward kernels are registered as PyTorch custom operators
 implementation each, so ``torch.compile`` traces through ``flash_attention`` without a graph break,
 and with an autograd formula that saves (q, k, v, O, L) and calls the backward kernels. The dropout's
 (seed, offset) is drawn outside the operators and handed to both, so that each stays a pure function
-of its inputs and the backward regenerates the forward's mask.
+of its inputs and the backward regenerates the forward's mask. ``deterministic`` is an argument of the
+forward operator too, which does not use it: it reaches the backward through the saved context.
 """
 
 import numbers
@@ -51,6 +52,7 @@ def flash_attn_fwd(
     max_seqlen_q: int = 0,
     max_seqlen_k: int = 0,
     block_table: Optional[torch.Tensor] = None,
+    deterministic: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """O (B, H, Nq, d) in q's dtype, L (B, H, Nq) float32, and P̃ (B, H, Nq', Nk') or an empty tensor.
 
@@ -75,7 +77,7 @@ def flash_attn_fwd(
 @flash_attn_fwd.register_fake
 def _(q, k, v, causal, scale, window_left=-1, window_right=-1, softcap=0.0, alibi_slopes=None, dropout_p=0.0,
       rng_state=None, return_probs=False, out_bnhd=False, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0,
-      max_seqlen_k=0, block_table=None):
+      max_seqlen_k=0, block_table=None, deterministic=True):
     B, H, Nq, d = q.shape
     o = q.new_empty((B, Nq, H, d)).transpose(1, 2) if out_bnhd else q.new_empty((B, H, Nq, d))
     if return_probs:
@@ -115,8 +117,10 @@ def flash_attn_bwd(
     max_seqlen_q: int = 0,
     max_seqlen_k: int = 0,
     block_table: Optional[torch.Tensor] = None,
+    deterministic: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """dq (B, H, Nq, d), dk and dv (B, Hkv, Nk, d), contiguous, in the inputs' dtype."""
+    """dq (B, H, Nq, d), dk and dv (B, Hkv, Nk, d), contiguous, in the inputs' dtype; ``deterministic``
+    False adds dq with atomics (``kernels.backward.attention_backward``)."""
     try:
         from .kernels.backward import attention_backward
     except ModuleNotFoundError as e:
@@ -130,6 +134,7 @@ def flash_attn_bwd(
         q, k, v, o, lse, do, causal=causal, scale=scale, window_size=(window_left, window_right), softcap=softcap,
         alibi_slopes=alibi_slopes, dropout_p=dropout_p, rng_state=rng_state,
         sequences=_sequences(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_table),
+        deterministic=deterministic,
     )
     return dq.contiguous(), dk.contiguous(), dv.contiguous()
 
@@ -137,26 +142,27 @@ def flash_attn_bwd(
 @flash_attn_bwd.register_fake
 def _(q, k, v, o, lse, do, causal, scale, window_left=-1, window_right=-1, softcap=0.0, alibi_slopes=None,
       dropout_p=0.0, rng_state=None, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0,
-      block_table=None):
+      block_table=None, deterministic=True):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
     (q, k, v, causal, scale, window_left, window_right, softcap, alibi_slopes, dropout_p, rng_state, _, _,
-     cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_table) = inputs
+     cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_table, deterministic) = inputs
     o, lse, _ = output
     ctx.save_for_backward(q, k, v, o, lse, alibi_slopes, rng_state, cu_seqlens_q, cu_seqlens_k, block_table)
     ctx.options = (causal, scale, window_left, window_right, softcap)
     ctx.dropout_p = dropout_p
     ctx.max_seqlens = (max_seqlen_q, max_seqlen_k)
+    ctx.deterministic = deterministic
 
 
 def _backward(ctx, do, dlse, dprobs):
     # L and P̃ are returned for inspection only: their gradients are not propagated (they are detached)
     q, k, v, o, lse, alibi_slopes, rng_state, cu_seqlens_q, cu_seqlens_k, block_table = ctx.saved_tensors
     dq, dk, dv = flash_attn_bwd(q, k, v, o, lse, do, *ctx.options, alibi_slopes, ctx.dropout_p, rng_state,
-                                cu_seqlens_q, cu_seqlens_k, *ctx.max_seqlens, block_table)
-    return dq, dk, dv, *[None] * 15
+                                cu_seqlens_q, cu_seqlens_k, *ctx.max_seqlens, block_table, ctx.deterministic)
+    return dq, dk, dv, *[None] * 16
 
 
 flash_attn_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -164,13 +170,14 @@ flash_attn_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 def flash_attention_outputs(q, k, v, *, causal=False, scale=None, window_size=(-1, -1), softcap=0.0,
                             alibi_slopes=None, dropout_p=0.0, return_probs=False, out_bnhd=False,
-                            sequences: Sequences = DENSE):
+                            sequences: Sequences = DENSE, deterministic=True):
     """The checked call behind ``flash_attention`` and the flash-attn compatible functions: (O, L, P̃).
 
     Every argument is validated here, once; ``out_bnhd`` makes O a (B, H, Nq, d) view of contiguous
     (B, Nq, H, d) memory. P̃ is an empty tensor unless ``return_probs``. ``sequences``: a packed batch
     (``kernels.sequences``; q (1, H, total_q, d), k and v (1, Hkv, total_k, d), or pages), whose
-    ``cu_seqlens_*`` and ``block_table`` are checked here too.
+    ``cu_seqlens_*`` and ``block_table`` are checked here too. ``deterministic`` False: the backward
+    adds dq with atomics (``flash_attention``).
     """
     # a paged k, v: (pages, Hkv, page_size, d), checked page by page like one batch element
     _, H, Hkv, Nq, Nk, d = check_attention_inputs(q, *((k[:1], v[:1]) if sequences.paged else (k, v)))
@@ -194,11 +201,13 @@ def flash_attention_outputs(q, k, v, *, causal=False, scale=None, window_size=(-
     alibi_slopes = check_alibi_slopes(alibi_slopes, B, H, q.device)
     dropout_p = check_dropout_p(dropout_p)
     check_flag("return_attn_probs", return_probs)
+    deterministic = check_flag("deterministic", deterministic)
     # dropout's (seed, offset), from torch's default generator of q's device (torch.manual_seed repeats it)
     rng_state = new_rng_state(q.device) if dropout_p > 0 else None
     o, lse, probs = flash_attn_fwd(q, k, v, causal, scale, left, right, softcap, alibi_slopes, dropout_p, rng_state,
                                    return_probs, out_bnhd, sequences.cu_seqlens_q, sequences.cu_seqlens_k,
-                                   sequences.max_seqlen_q or 0, sequences.max_seqlen_k or 0, sequences.block_table)
+                                   sequences.max_seqlen_q or 0, sequences.max_seqlen_k or 0, sequences.block_table,
+                                   deterministic)
     return o, lse.detach(), probs.detach()
 
 
@@ -278,8 +287,8 @@ def check_sequences(q, k, seqs: Sequences) -> Sequences:
 
 def flash_attention(q, k, v, *, causal: bool = False, scale: Optional[float] = None, return_lse: bool = False,
                     window_size=(-1, -1), softcap: float = 0.0, alibi_slopes: Optional[torch.Tensor] = None,
-                    dropout_p: float = 0.0, return_attn_probs: bool = False, fp8: bool = False,
-                    fp8_scaling: str = "block", rotate: bool = False, descale=None):
+                    dropout_p: float = 0.0, return_attn_probs: bool = False, deterministic: bool = True,
+                    fp8: bool = False, fp8_scaling: str = "block", rotate: bool = False, descale=None):
     """O = softmax(scale · Q Kᵀ) V by the Triton FlashAttention kernels; differentiable in q, k, v.
 
     q: (B, H, Nq, d); k, v: (B, Hkv, Nk, d) with H % Hkv == 0, any strides; float16, bfloat16 or
@@ -306,7 +315,13 @@ def flash_attention(q, k, v, *, causal: bool = False, scale: Optional[float] = N
     ``torch.get_float32_matmul_precision()`` "highest" (PyTorch's default) in IEEE float32, with
     "high" or "medium" in TF32 on the tensor cores (set it before the call). NaN or +inf reaching a
     score makes its row NaN, as in SDPA; the inputs are not inspected (that would cost a GPU sync).
-    The backward is deterministic: a second run gives bitwise the same gradients.
+
+    The backward is deterministic by default (``deterministic=True``): every gradient element is summed
+    in a fixed order, so a second run gives bitwise the same gradients. ``deterministic=False`` runs a
+    faster backward in one kernel (FlashAttention-2's Algorithm 2): the terms of dq are added with
+    float32 atomics in whatever order the GPU runs them, so dq may differ in its last bits from run to
+    run (dk, dv do not). flash-attn's functions (``flash_attn_func``, ...) keep the deterministic
+    backward whatever their ``deterministic`` argument says.
 
     FP8 (forward only, GPUs of compute capability >= 8.9 such as the H100; ``flashcourse.fp8``):
     ``fp8=True`` quantizes q, k, v to e4m3 with one scale per tensor or per block of 128 rows
@@ -332,7 +347,7 @@ def flash_attention(q, k, v, *, causal: bool = False, scale: Optional[float] = N
     check_flag("return_lse", return_lse)
     o, lse, probs = flash_attention_outputs(
         q, k, v, causal=causal, scale=scale, window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes,
-        dropout_p=dropout_p, return_probs=return_attn_probs,
+        dropout_p=dropout_p, return_probs=return_attn_probs, deterministic=deterministic,
     )
     if return_attn_probs:
         return o, lse, probs[:, :, : q.shape[2], : k.shape[2]]

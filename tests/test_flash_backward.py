@@ -4,13 +4,21 @@ Every case has lengths that are not multiples of the interpreter's blocks (16 an
 ragged edges are exercised; together the cases cover Nq < Nk, Nq > Nk (query rows that see no key
 under causal masking), grouped heads, head dims 16 to 128 and one that is not a power of two, float16,
 bfloat16 and float32, large logits, and non-contiguous q, k, v and dO.
+
+The non-deterministic backward (``deterministic=False``: one kernel that adds dQ with atomics) is
+held to the same tolerances on a subset of the cases, with every score option (flash-attn's accuracy
+rule, ``test_flash_options.check_accuracy``) and with packed sequences (``test_flash_varlen``).
 """
+
+import functools
 
 import pytest
 import torch
 
-from flashcourse import INTERPRET, flash_attention, naive_attention
+import test_flash_options
+from flashcourse import INTERPRET, flash_attention, naive_attention, ops
 from flashcourse.kernels.backward import attention_backward
+from flashcourse.kernels.configs import KernelConfig
 from helpers import make_qkv
 
 pytestmark = pytest.mark.skipif(not INTERPRET, reason="CPU tensors need the interpreter; see test_gpu_backward.py")
@@ -39,10 +47,11 @@ def _reference(q, k, v, do, causal, scale=None):
     return o.detach().to(q.dtype), lse.detach().float(), grads
 
 
-def _check(q, k, v, do, causal, scale=None):
+def _check(q, k, v, do, causal, scale=None, deterministic=True):
     o, lse, refs = _reference(q, k, v, do, causal, scale)
     d = q.shape[-1]
-    grads = attention_backward(q, k, v, o, lse, do, causal=causal, scale=scale or d**-0.5)
+    grads = attention_backward(q, k, v, o, lse, do, causal=causal, scale=scale or d**-0.5,
+                               deterministic=deterministic)
     for name, g, ref, like in zip(("dq", "dk", "dv"), grads, refs, (q, k, v)):
         assert g.shape == like.shape and g.dtype == like.dtype, name
         assert not torch.isnan(g).any(), f"{name} has NaN"
@@ -133,3 +142,60 @@ def test_loss_sum_gives_a_broadcast_grad_output():
     _, _, refs = _reference(q, k, v, torch.ones(1, 2, 17, 16), True)
     for name, g, ref in zip(("dq", "dk", "dv"), grads, refs):
         assert _error(g, ref) < TOL[torch.float32], f"{name}: error {_error(g, ref):.2e}"
+
+
+# ---------------------------------------------------------------------------------------------
+# deterministic=False: dK, dV and the atomic additions of dQ in one kernel
+
+ATOMIC_CASES = [case for case in CASES if case.id in (
+    "N=1", "N=300-causal", "Nq<Nk-causal-gqa-bf16", "Nq>Nk-gqa-fp16", "d80-causal-gqa")]
+
+
+@pytest.mark.parametrize("B,H,Hkv,Nq,Nk,d,causal,dtype", ATOMIC_CASES)
+def test_atomic_gradients_match_float64_autograd(B, H, Hkv, Nq, Nk, d, causal, dtype):
+    _check(*_inputs(B, H, Hkv, Nq, Nk, d, dtype), causal, deterministic=False)
+
+
+def test_atomic_dk_dv_are_the_deterministic_ones():
+    """The one kernel computes dK and dV exactly as the dK/dV kernel does; dq only sums in another order."""
+    q, k, v, do = _inputs(1, 4, 2, 45, 70, 16, torch.float16)
+    o, lse, _ = _reference(q, k, v, do, True)
+    dq, dk, dv = attention_backward(q, k, v, o, lse, do, causal=True, scale=0.25)
+    dq_atomic, dk_atomic, dv_atomic = attention_backward(q, k, v, o, lse, do, causal=True, scale=0.25,
+                                                         deterministic=False)
+    assert torch.equal(dk, dk_atomic) and torch.equal(dv, dv_atomic)
+    # float32 sums of the same terms in another order, then rounded to float16: at most one unit apart
+    assert torch.allclose(dq_atomic.float(), dq.float(), rtol=2e-3, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype,options", [
+    pytest.param(torch.bfloat16, dict(causal=True, window_size=(20, 0), softcap=2.0, alibi_slopes="BH",
+                                      dropout_p=0.2), id="all-options-bf16"),
+    pytest.param(torch.float32, dict(window_size=(6, 2), softcap=1.5), id="window-softcap-fp32"),
+])
+def test_atomic_backward_with_score_options(dtype, options, monkeypatch):
+    """flash_attention(deterministic=False) under flash-attn's accuracy rule, forward and backward."""
+    monkeypatch.setattr(test_flash_options, "flash_attention", functools.partial(flash_attention,
+                                                                                deterministic=False))
+    test_flash_options.check_accuracy("cpu", dtype, B=1, H=2, Hkv=1, Nq=37, Nk=53, d=16, **options)
+
+
+@pytest.mark.parametrize("lengths,causal", [("empty", True), ("mixed", False)])
+def test_atomic_backward_of_packed_sequences(lengths, causal, monkeypatch):
+    """Packed sequences (flash-attn's varlen layout) with NaN rows of no sequence: never read, dq = 0 there."""
+    import test_flash_varlen
+
+    monkeypatch.setattr("flashcourse.flash_attn_interface.flash_attention_outputs",
+                        functools.partial(ops.flash_attention_outputs, deterministic=False))
+    test_flash_varlen.check_varlen("cpu", torch.float16, test_flash_varlen.LENGTHS[lengths], 4, 2, 16,
+                                   causal=causal)
+
+
+def test_deterministic_must_be_a_bool_and_descriptors_need_a_gpu():
+    q, k, v, do = _inputs(1, 1, 1, 8, 8, 16, torch.float16)
+    with pytest.raises(TypeError, match="deterministic must be True or False"):
+        flash_attention(q, k, v, deterministic="no")
+    o, lse, _ = _reference(q, k, v, do, False)
+    with pytest.raises(ValueError, match="interpreter cannot run"):
+        attention_backward(q, k, v, o, lse, do, causal=False, scale=0.25, deterministic=False,
+                           dkdvdq_config=KernelConfig(16, 32, use_tma=True))

@@ -1,8 +1,7 @@
 """FlashAttention-2 backward in Triton: dQ, dK, dV rebuilt tile by tile from Q, K, V, O, L and dO.
 
 P = softmax(S) is never stored: every kernel recomputes the tile P_ij = exp(S_ij − L_i) it needs from
-the logsumexp L saved by the forward pass. Three kernels, as in FlashAttention-2 (Algorithm 2) and the
-Triton fused-attention tutorial:
+the logsumexp L saved by the forward pass. Three kernels, as in the Triton fused-attention tutorial:
 
 1. ``_preprocess``: D_i = rowsum(dO_i ∘ O_i), one float32 per query row.
 2. ``_dkdv``: a program per key block j keeps K_j, V_j and the accumulators dK_j, dV_j on chip and
@@ -11,7 +10,14 @@ Triton fused-attention tutorial:
    over the key blocks j.
 
 Each output element is written by exactly one program, which sums its terms in a fixed order: no
-atomics, so a second run gives bitwise the same result (whatever flash-attn's ``deterministic`` says).
+atomics, so a second run gives bitwise the same result (the default, ``deterministic=True``). The dQ
+kernel pays for that by recomputing S_ij and dP_ij: 7 matrix products per tile pair instead of 5.
+
+``deterministic=False`` runs FlashAttention-2's own Algorithm 2 instead: the dK/dV kernel also computes
+dQ_i += dS_ij K_j for each query block it visits and adds it with float32 atomics into a dQ
+accumulator that every key block's program shares ("dkdvdq"; 5 products, one kernel). The additions
+arrive in whatever order the programs run, so dQ can differ in its last bits from run to run; dK and
+dV stay bitwise repeatable. A cast to dQ's dtype ends the pass.
 
 Exponentials are taken in base 2 with log2(e) folded into one constant:
 exp(scale · s − L) = exp2(log2e · scale · s − log2e · L), a fused multiply-add and an exp2 per score.
@@ -28,8 +34,10 @@ import triton
 import triton.language as tl
 
 from .._checks import check_attention_inputs, check_like
+from .._env import INTERPRET
 from .common import check_kernel_device, dot, dot_args, load_tile, store_tile, to_dtype
-from .configs import PREPROCESS_BLOCK_M, KernelConfig, autotuned, launch, length_bucket
+from .configs import PREPROCESS_BLOCK_M, KernelConfig, autotuned, launch, length_bucket, pinned
+from .forward import _descriptor_scratch
 from .scores import LOG2E, dropout_keep, key_range, query_range, score_args, score_constants, scores
 from .sequences import DENSE, Sequences, batch_strides, sequence_args, sequence_rows, sequence_shape
 
@@ -67,15 +75,19 @@ def _row_stats(L_bh, Delta_bh, offs_m, Nq):
 @triton.jit
 def _dkdv_tiles(dK_j, dV_j, K_j, V_j, Q_h, dO_h, L_h, Delta_h,
                 stride_qm, stride_qd, stride_dom, stride_dod,
+                dQ_h, stride_dqm, stride_dqd, scale,
                 start_n, lo, hi, bh, Nq, Nk, offset, Nq_max, Nk_max,
                 qk_scale, left, right, softcap_scale, softcap_log2, slope_log2, dropout_p, seed, philox_offset,
                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 MASK: tl.constexpr, LEFT_LIMIT: tl.constexpr, RIGHT_LIMIT: tl.constexpr, SOFTCAP: tl.constexpr,
-                ALIBI: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                ALIBI: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                ATOMIC_DQ: tl.constexpr, USE_TMA: tl.constexpr):
     """Add to dK_j, dV_j (B_c, d) the terms of query blocks lo, lo + B_r, ... < hi of one head.
 
     MASK: hide the pairs outside the window (blocks that cross its edges). Key rows past Nk need no
-    mask: they only reach their own rows of dK_j and dV_j, which are never stored.
+    mask: they only reach their own rows of dK_j and dV_j, which are never stored (and, as K_j is zero
+    there, add nothing to dQ_i). ATOMIC_DQ: also add scale · dS_ij K_j to the float32 dQ rows of this
+    head at dQ_h (a pointer, or a tensor descriptor if USE_TMA).
     """
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -111,27 +123,52 @@ def _dkdv_tiles(dK_j, dV_j, K_j, V_j, Q_h, dO_h, L_h, Delta_h,
             dST_ij = dST_ij * (1.0 - TT * TT)
         # dK_j += dS_ijᵀ Q_i                      (the factor scale comes once, at the end)
         dK_j = dot(dST_ij, tl.trans(QT_i), dK_j, UPCAST, DOT_PRECISION)
+        if ATOMIC_DQ:
+            # dQ_i += scale · dS_ij K_j, added to what the programs of the other key blocks add
+            dQ_i = dot(tl.trans(dST_ij), K_j, None, UPCAST, DOT_PRECISION) * scale
+            _add_dq(dQ_h, dQ_i, offs_m, offs_d, stride_dqm, stride_dqd, start_m, Nq, HEAD_DIM, USE_TMA)
     return dK_j, dV_j
 
 
 @triton.jit
-def _dkdv_kernel(Q, K, V, dO, dK, dV, L, Delta,
+def _add_dq(dQ_h, dQ_i, offs_m, offs_d, stride_dqm, stride_dqd, start_m, Nq, HEAD_DIM: tl.constexpr,
+            USE_TMA: tl.constexpr):
+    """dQ[rows offs_m] += dQ_i (float32), atomically, only inside Nq × HEAD_DIM.
+
+    USE_TMA: one reduction of the whole tile by Hopper's copy engine through the descriptor dQ_h (it
+    drops what lies outside the matrix); else an atomic addition per element ("relaxed": no ordering
+    with other memory operations is needed, only that no addition is lost).
+    """
+    if USE_TMA:
+        dQ_h.atomic_add([start_m, 0], dQ_i)
+    else:
+        mask = (offs_m[:, None] < Nq) & (offs_d[None, :] < HEAD_DIM)
+        tl.atomic_add(dQ_h + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd, dQ_i, mask=mask,
+                      sem="relaxed")
+
+
+@triton.jit
+def _dkdv_kernel(Q, K, V, dO, dK, dV, L, Delta, dQ,
           stride_qb, stride_qh, stride_qm, stride_qd,
           stride_kb, stride_kh, stride_kn, stride_kd,
           stride_vb, stride_vh, stride_vn, stride_vd,
           stride_dob, stride_doh, stride_dom, stride_dod,
           stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+          stride_dqb, stride_dqh, stride_dqm, stride_dqd,
           stride_lb, stride_lh,
           H, Hkv, Nq_max, Nk_max, CU_SEQLENS_Q, CU_SEQLENS_K, SEQUSED_K, LEFTPAD_K,
           SLOPES, stride_slope_b, stride_slope_h, RNG, scale, left, right, softcap_scale, softcap_log2, dropout_p,
           N_BUCKET,
           HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
           LEFT_LIMIT: tl.constexpr, RIGHT_LIMIT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
-          DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+          DROPOUT: tl.constexpr, ATOMIC_DQ: tl.constexpr, USE_TMA: tl.constexpr,
+          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """dK_j, dV_j (B_c, d) of one key block j of one key/value head of one sequence, summed over its query heads.
 
     Grid: (cdiv(Nk_max, B_c), B · Hkv). dK and dV have the same strides; L and Delta the strides
-    stride_lb, stride_lh with rows of stride 1. The sequences' rows: ``sequences.py``.
+    stride_lb, stride_lh with rows of stride 1. The sequences' rows: ``sequences.py``. ATOMIC_DQ: also
+    add every dQ_i term to dQ (float32, like q; zero before the launch; through tensor descriptors if
+    USE_TMA); else dQ is not read (None).
     """
     start_n = tl.program_id(0) * BLOCK_N
     b, hkv = (tl.program_id(1) // Hkv).to(tl.int64), (tl.program_id(1) % Hkv).to(tl.int64)
@@ -161,28 +198,41 @@ def _dkdv_kernel(Q, K, V, dO, dK, dV, L, Delta,
         dO_h = dO + b * stride_dob + h * stride_doh + q_start * stride_dom
         L_h = L + b * stride_lb + h * stride_lh + q_start
         Delta_h = Delta + b * stride_lb + h * stride_lh + q_start
+        dQ_h = dQ
+        if ATOMIC_DQ:
+            dQ_h = dQ + b * stride_dqb + h * stride_dqh + q_start * stride_dqm
+            if USE_TMA:
+                # this head's dQ as an (Nq, d) matrix for the copy engine (rows 16-byte aligned, d stride 1)
+                dQ_h = tl.make_tensor_descriptor(dQ_h, [tl.maximum(Nq, 1), HEAD_DIM], [stride_dqm, 1],
+                                                 [BLOCK_M, BLOCK_D])
         qk_scale, slope_log2, seed, philox_offset = score_constants(SLOPES, stride_slope_b, stride_slope_h, RNG,
                                                                     b, h, scale, ALIBI, DROPOUT)
         if RIGHT_LIMIT:
             dK_j, dV_j = _dkdv_tiles(dK_j, dV_j, K_j, V_j, Q_h, dO_h, L_h, Delta_h,
                                      stride_qm, stride_qd, stride_dom, stride_dod,
+                                     dQ_h, stride_dqm, stride_dqd, scale,
                                      start_n, lo, mid_lo, b * H + h, Nq, Nk, offset, Nq_max, Nk_max,
                                      qk_scale, left, right, softcap_scale, softcap_log2, slope_log2, dropout_p,
                                      seed, philox_offset, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N,
-                                     True, LEFT_LIMIT, RIGHT_LIMIT, SOFTCAP, ALIBI, DROPOUT, UPCAST, DOT_PRECISION)
+                                     True, LEFT_LIMIT, RIGHT_LIMIT, SOFTCAP, ALIBI, DROPOUT, UPCAST, DOT_PRECISION,
+                                     ATOMIC_DQ, USE_TMA)
         dK_j, dV_j = _dkdv_tiles(dK_j, dV_j, K_j, V_j, Q_h, dO_h, L_h, Delta_h,
                                  stride_qm, stride_qd, stride_dom, stride_dod,
+                                 dQ_h, stride_dqm, stride_dqd, scale,
                                  start_n, mid_lo, mid_hi, b * H + h, Nq, Nk, offset, Nq_max, Nk_max,
                                  qk_scale, left, right, softcap_scale, softcap_log2, slope_log2, dropout_p,
                                  seed, philox_offset, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N,
-                                 False, LEFT_LIMIT, RIGHT_LIMIT, SOFTCAP, ALIBI, DROPOUT, UPCAST, DOT_PRECISION)
+                                 False, LEFT_LIMIT, RIGHT_LIMIT, SOFTCAP, ALIBI, DROPOUT, UPCAST, DOT_PRECISION,
+                                 ATOMIC_DQ, USE_TMA)
         if LEFT_LIMIT:
             dK_j, dV_j = _dkdv_tiles(dK_j, dV_j, K_j, V_j, Q_h, dO_h, L_h, Delta_h,
                                      stride_qm, stride_qd, stride_dom, stride_dod,
+                                     dQ_h, stride_dqm, stride_dqd, scale,
                                      start_n, mid_hi, hi, b * H + h, Nq, Nk, offset, Nq_max, Nk_max,
                                      qk_scale, left, right, softcap_scale, softcap_log2, slope_log2, dropout_p,
                                      seed, philox_offset, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N,
-                                     True, LEFT_LIMIT, RIGHT_LIMIT, SOFTCAP, ALIBI, DROPOUT, UPCAST, DOT_PRECISION)
+                                     True, LEFT_LIMIT, RIGHT_LIMIT, SOFTCAP, ALIBI, DROPOUT, UPCAST, DOT_PRECISION,
+                                     ATOMIC_DQ, USE_TMA)
     # dK_j = scale · Σ_i dS_ijᵀ Q_i
     dK_j *= scale
     out = b * stride_dkb + hkv * stride_dkh + k_start * stride_dkn
@@ -295,15 +345,18 @@ def _dq_kernel(Q, K, V, dO, dQ, L, Delta,
                offs_m, offs_d, stride_dqm, stride_dqd, Nq, HEAD_DIM)
 
 
-# the kernels behind the autotuner (``_dkdv_kernel`` and ``_dq_kernel`` run a pinned configuration)
+# the kernels behind the autotuner (``_dkdv_kernel`` and ``_dq_kernel`` run a pinned configuration); the
+# one-kernel backward adds into dQ, which the autotuner zeroes before each of its trial runs
 _dkdv = autotuned("dkdv", _dkdv_kernel)
 _dq = autotuned("dq", _dq_kernel)
+_dkdvdq = autotuned("dkdvdq", _dkdv_kernel, accumulates=["dQ"])
 
 
 def attention_backward(q, k, v, o, lse, do, *, causal: bool, scale: float, window_size=(-1, -1),
                        softcap: float = 0.0, alibi_slopes: Optional[torch.Tensor] = None, dropout_p: float = 0.0,
                        rng_state: Optional[torch.Tensor] = None, dkdv_config: Optional[KernelConfig] = None,
-                       dq_config: Optional[KernelConfig] = None, sequences: Sequences = DENSE):
+                       dq_config: Optional[KernelConfig] = None, sequences: Sequences = DENSE,
+                       deterministic: bool = True, dkdvdq_config: Optional[KernelConfig] = None):
     """Gradients (dq, dk, dv) of O = softmax(scale · Q Kᵀ) V, from the forward's O and logsumexp L.
 
     q, o, do: (B, H, Nq, d); k, v: (B, Hkv, Nk, d) with H % Hkv == 0; lse: (B, H, Nq), the
@@ -313,7 +366,11 @@ def attention_backward(q, k, v, o, lse, do, *, causal: bool, scale: float, windo
     (contiguous, input dtype; dk, dv summed over the H / Hkv query heads of each key/value head).
     ``sequences``: the forward's packed layout (``attention_forward``; rows of no sequence get zero
     gradients); a paged cache has no backward.
-    ``dkdv_config`` / ``dq_config`` (or FLASHCOURSE_CONFIG_DKDV / _DQ) pin the launch configurations.
+    ``deterministic`` (default): the dK/dV and dQ kernels, bitwise repeatable. False: one kernel that
+    adds dQ with float32 atomics (fewer products, but dq may differ in its last bits between runs).
+    ``dkdv_config`` / ``dq_config`` / ``dkdvdq_config`` (or FLASHCOURSE_CONFIG_DKDV / _DQ / _DKDVDQ) pin
+    the launch configurations; a ``dkdvdq_config`` with ``use_tma`` adds each dQ_i tile through a tensor
+    descriptor (GPU only, d a multiple of 4).
     """
     if sequences.paged:
         raise NotImplementedError("a paged KV cache (block_table) has no backward pass, as in flash-attn: "
@@ -329,8 +386,11 @@ def attention_backward(q, k, v, o, lse, do, *, causal: bool, scale: float, windo
     lse = lse.to(torch.float32).contiguous()
     BLOCK_D = max(16, triton.next_power_of_2(d))
     delta = torch.empty((Bt, H, Nt), dtype=torch.float32, device=q.device)
-    # packed rows that belong to no sequence get no gradient
-    dq = (torch.zeros if packed_q else torch.empty)(q.shape, dtype=q.dtype, device=q.device)
+    # packed rows that belong to no sequence get no gradient; the atomics add into a float32 dQ of zeros
+    if deterministic:
+        dq = (torch.zeros if packed_q else torch.empty)(q.shape, dtype=q.dtype, device=q.device)
+    else:
+        dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     dk = (torch.zeros if packed_k else torch.empty)(k.shape, dtype=k.dtype, device=k.device)
     dv = (torch.zeros if packed_k else torch.empty)(v.shape, dtype=v.dtype, device=v.device)
 
@@ -345,8 +405,35 @@ def attention_backward(q, k, v, o, lse, do, *, causal: bool, scale: float, windo
     tail = (*batch_strides(lse, packed_q)[:2], H, Hkv, Nq, Nk, *sequence_args(sequences, k)[:4], *options,
             length_bucket(max(Nq, Nk)))
     meta = dict(HEAD_DIM=d, BLOCK_D=BLOCK_D, **dot_args(q.dtype), **flags)
-    launch("dkdv", _dkdv_kernel, _dkdv, lambda bm, bn: (triton.cdiv(Nk, bn), B * Hkv),
-           (q, k, v, do, dk, dv, lse, delta, *inputs, *batch_strides(dk, packed_k), *tail), meta, dkdv_config)
+
+    def key_blocks(bm, bn):  # the grid of the dK/dV kernel
+        return triton.cdiv(Nk, bn), B * Hkv
+
+    dk_strides = batch_strides(dk, packed_k)
+    if not deterministic:
+        _check_dkdvdq_config(dkdvdq_config, d)
+        launch("dkdvdq", _dkdv_kernel, _dkdvdq, key_blocks,
+               (q, k, v, do, dk, dv, lse, delta, dq, *inputs, *dk_strides, *batch_strides(dq, packed_q), *tail),
+               dict(meta, ATOMIC_DQ=True), dkdvdq_config)
+        # dq = the float32 sums in q's dtype (one pass over dq; a float32 q keeps them as they are)
+        return dq.to(q.dtype), dk, dv
+    launch("dkdv", _dkdv_kernel, _dkdv, key_blocks,
+           (q, k, v, do, dk, dv, lse, delta, None, *inputs, *dk_strides, 0, 0, 0, 0, *tail),
+           dict(meta, ATOMIC_DQ=False, USE_TMA=False), dkdv_config)
     launch("dq", _dq_kernel, _dq, lambda bm, bn: (triton.cdiv(Nq, bm), B * H),
            (q, k, v, do, dq, lse, delta, *inputs, *batch_strides(dq, packed_q), *tail), meta, dq_config)
     return dq, dk, dv
+
+
+def _check_dkdvdq_config(config: Optional[KernelConfig], d: int) -> None:
+    """Descriptor additions of dQ (``use_tma``) need a GPU and float32 rows of d elements 16-byte aligned."""
+    chosen = pinned("dkdvdq", config)
+    if chosen is None or not chosen.use_tma:
+        return
+    if INTERPRET:
+        raise ValueError(f"the configuration {chosen} adds dQ through tensor descriptors, which Triton's "
+                         f"interpreter cannot run: drop 'tma' from it on the CPU")
+    if d % 4:
+        raise ValueError(f"the configuration {chosen} adds dQ through tensor descriptors, whose float32 rows "
+                         f"need d to be a multiple of 4 (16 bytes); got d = {d}: drop 'tma' from it")
+    triton.set_allocator(_descriptor_scratch)

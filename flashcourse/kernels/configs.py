@@ -1,7 +1,9 @@
-"""Launch configurations of the three attention kernels (forward, dK/dV, dQ; the forward kernel also
-as "decode", with candidates for a few query rows): one table, one resource model, one launch function.
+"""Launch configurations of the attention kernels (forward, dK/dV, dQ; the forward kernel also as
+"decode", with candidates for a few query rows; the dK/dV kernel also as "dkdvdq", the backward in one
+kernel that adds dQ with atomics): one table, one resource model, one launch function.
 
-A configuration is (B_r, B_c, warps, pipeline stages, descriptor loads): ``KernelConfig``.
+A configuration is (B_r, B_c, warps, pipeline stages, descriptor loads, warp specialization):
+``KernelConfig``.
 - In the CPU interpreter each kernel runs one small fixed configuration (``INTERPRET_CONFIGS``), so
   that the tests are fast and reach the ragged edges at small N.
 - On a GPU, ``triton.autotune`` times the candidates listed in ``CANDIDATES`` for the call's head
@@ -10,8 +12,11 @@ A configuration is (B_r, B_c, warps, pipeline stages, descriptor loads): ``Kerne
   benchmarks/NOTES_forward.md and benchmarks/NOTES_backward.md (H100).
 - A configuration can be pinned, the same one on every run and no autotuning: the ``config``
   arguments of ``attention_forward`` / ``attention_backward``, or the environment variables
-  FLASHCOURSE_CONFIG_FORWARD, _DECODE, _DKDV, _DQ, e.g. "128,64,4,2,tma"
-  (B_r, B_c, warps, stages, and "tma" for descriptor loads of K_j, V_j in the forward kernel).
+  FLASHCOURSE_CONFIG_FORWARD, _DECODE, _DKDV, _DQ, _DKDVDQ, e.g. "128,64,4,2,tma"
+  (B_r, B_c, warps, stages; "tma" for descriptor loads of K_j, V_j in the forward kernel, or for
+  dQ's additions through a descriptor in "dkdvdq"; "ws" for the forward's warp-specialized key loop).
+- Descriptor additions of dQ and warp specialization are experiments (benchmarks/perf_experiments.py):
+  the autotuner never tries them, a pinned configuration asks for them.
 """
 
 import os
@@ -33,12 +38,16 @@ class KernelConfig(NamedTuple):
     block_n: int  # B_c: key rows per tile
     num_warps: int = 4
     num_stages: int = 2
-    # forward only: load K_j, V_j through tensor descriptors (Hopper's copy engine, TMA); None: where allowed
+    # forward: load K_j, V_j through tensor descriptors (Hopper's copy engine, TMA); None: where allowed.
+    # dkdvdq: add each dQ_i term through a descriptor (a TMA reduction) instead of per-element atomics
     use_tma: Optional[bool] = None
+    # forward only: Triton's automatic warp specialization of the key loop (tl.range(warp_specialize=True))
+    warp_specialize: bool = False
 
 
-# "decode" is the forward kernel launched with candidates for a few query rows (B_r = 16)
-KERNELS = ("forward", "decode", "dkdv", "dq")
+# "decode" is the forward kernel launched with candidates for a few query rows (B_r = 16); "dkdvdq" is the
+# dK/dV kernel that also adds dQ_i = dS_ij K_j with atomics (the non-deterministic backward)
+KERNELS = ("forward", "decode", "dkdv", "dq", "dkdvdq")
 
 # Interpreter blocks: B_r != B_c on purpose, so that the CPU tests cross the causal diagonal with
 # several blocks per tile, as the GPU configurations do.
@@ -47,6 +56,7 @@ INTERPRET_CONFIGS = {
     "decode": KernelConfig(16, 16),
     "dkdv": KernelConfig(16, 32),
     "dq": KernelConfig(32, 16),
+    "dkdvdq": KernelConfig(16, 32, use_tma=False),
 }
 # rows per program of the backward's preprocessing kernel (D_i = rowsum(dO_i ∘ O_i)), not tuned
 PREPROCESS_BLOCK_M = 32 if INTERPRET else 64
@@ -102,12 +112,16 @@ CANDIDATES = {
         (256, 4): [(32, 32, 4, 2)],
     },
 }
+# the one-kernel backward keeps dK/dV's blocks: dQ_i = dS_ij K_j adds a (B_r, d) tile that lives only
+# for one step, like S_ij (not yet measured; benchmarks/NOTES_backward.md)
+CANDIDATES["dkdvdq"] = CANDIDATES["dkdv"]
 
 # What a program keeps on chip, in rows of d elements: tiles resident for the whole program, tiles
 # streamed once per pipeline stage, and float32 accumulator rows (in registers).
 #   forward: Q_i resident; K_j, V_j streamed; acc_i          (B_r × d)
 #   dK/dV:   K_j, V_j resident; Q_i, dO_i streamed; dK_j, dV_j (2 B_c × d)
 #   dQ:      Q_i, dO_i resident; K_j, V_j streamed; dQ_i       (B_r × d)
+#   dK/dV/dQ (dkdvdq): as dK/dV; dQ_i through a descriptor stages B_r × d float32 in shared memory
 SHARED_MEMORY_BYTES = H100_SXM.shared_per_program  # the per-program limit of an H100 (227 KiB)
 ACCUMULATOR_REGISTERS = 128  # of a thread's 255 registers, at most this many hold accumulators
 
@@ -116,7 +130,8 @@ def _kernel_config(config) -> KernelConfig:
     """A ``KernelConfig`` from itself or from the ``triton.Config`` the autotuner holds."""
     if isinstance(config, triton.Config):
         kw = config.kwargs
-        return KernelConfig(kw["BLOCK_M"], kw["BLOCK_N"], config.num_warps, config.num_stages, kw.get("USE_TMA"))
+        return KernelConfig(kw["BLOCK_M"], kw["BLOCK_N"], config.num_warps, config.num_stages, kw.get("USE_TMA"),
+                            kw.get("WARP_SPECIALIZE", False))
     return KernelConfig(*config)
 
 
@@ -124,7 +139,7 @@ def _rows(kernel: str, c: KernelConfig) -> tuple[int, int, int]:
     """(resident, streamed per stage, accumulator) rows of one program."""
     if kernel in ("forward", "decode"):
         return c.block_m, 2 * c.block_n, c.block_m
-    if kernel == "dkdv":
+    if kernel in ("dkdv", "dkdvdq"):
         return 2 * c.block_n, 2 * c.block_m, 2 * c.block_n
     return 2 * c.block_m, 2 * c.block_n, c.block_m
 
@@ -135,7 +150,8 @@ def shared_bytes(config, block_d: int, element_size: int, kernel: str = "forward
     ``config``: a ``KernelConfig`` or a ``triton.Config``."""
     c = _kernel_config(config)
     resident, streamed, _ = _rows(kernel, c)
-    return gpumodel_shared_bytes(resident, streamed, block_d, c.num_stages, element_size)
+    staged = c.block_m * block_d * 4 if kernel == "dkdvdq" and c.use_tma else 0  # float32 dQ_i for the copy engine
+    return gpumodel_shared_bytes(resident, streamed, block_d, c.num_stages, element_size) + staged
 
 
 def fits(kernel: str, config, block_d: int, element_size: int) -> bool:
@@ -164,8 +180,10 @@ def _triton_config(kernel: str, c: KernelConfig) -> triton.Config:
     meta = {"BLOCK_M": c.block_m}
     if kernel not in ("preprocess", "merge"):  # the backward's preprocessing and split-KV's merge: no key blocks
         meta["BLOCK_N"] = c.block_n
-    if kernel in ("forward", "decode"):
+    if kernel in ("forward", "decode", "dkdvdq"):
         meta["USE_TMA"] = bool(c.use_tma)
+    if kernel in ("forward", "decode"):
+        meta["WARP_SPECIALIZE"] = bool(c.warp_specialize)
     return triton.Config(meta, num_warps=c.num_warps, num_stages=c.num_stages)
 
 
@@ -205,33 +223,36 @@ AUTOTUNE_KEY = ["HEAD_DIM", "N_BUCKET", "DOT_PRECISION", "LEFT_LIMIT", "RIGHT_LI
 AUTOTUNERS = {}
 
 
-def autotuned(kernel: str, fn, extra_key=()):
+def autotuned(kernel: str, fn, extra_key=(), accumulates=()):
     """``fn`` (a ``@triton.jit`` kernel) behind the autotuner with the candidates of ``kernel``.
 
-    Every kernel writes its outputs (never accumulates into them), so the autotuner may run it
-    several times.
+    The autotuner may run a kernel several times. Most kernels write their outputs, which is harmless;
+    the tensor arguments named in ``accumulates`` are added to (atomics), and are zeroed before each
+    timed run and again before the real one.
     """
     AUTOTUNERS[kernel] = triton.autotune(
         configs=[_triton_config(kernel, c) for c in _candidates(kernel)],
         key=AUTOTUNE_KEY + list(extra_key),
         prune_configs_by={"early_config_prune": _pruner(kernel)},
+        reset_to_zero=list(accumulates) or None,
     )(fn)
     return AUTOTUNERS[kernel]
 
 
 def parse_config(text: str) -> KernelConfig:
-    """ "B_r,B_c,warps,stages[,tma]" -> KernelConfig, e.g. "128,64,4,2,tma"."""
+    """ "B_r,B_c,warps,stages[,tma][,ws]" -> KernelConfig, e.g. "128,64,4,2,tma" or "128,128,8,2,tma,ws"."""
     parts = [p.strip().lower() for p in text.split(",")]
-    tma = parts[-1] == "tma"
-    if tma:
-        parts.pop()
+    flags = set()
+    while parts and parts[-1] in ("tma", "ws"):
+        flags.add(parts.pop())
     try:
         numbers = [int(p) for p in parts]
     except ValueError:
         numbers = []
     if len(numbers) != 4 or min(numbers) < 1:
-        raise ValueError(f"a launch configuration is 'B_r,B_c,warps,stages' with an optional ',tma', got {text!r}")
-    return KernelConfig(*numbers, use_tma=tma)
+        raise ValueError(f"a launch configuration is 'B_r,B_c,warps,stages' with optional ',tma' and ',ws', "
+                         f"got {text!r}")
+    return KernelConfig(*numbers, use_tma="tma" in flags, warp_specialize="ws" in flags)
 
 
 def pinned(kernel: str, config: Optional[KernelConfig] = None) -> Optional[KernelConfig]:

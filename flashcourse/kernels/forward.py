@@ -90,7 +90,7 @@ def _attn_fwd_inner(
     MASKED: tl.constexpr, LEFT_LIMIT: tl.constexpr, RIGHT_LIMIT: tl.constexpr, SOFTCAP: tl.constexpr,
     ALIBI: tl.constexpr, DROPOUT: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
-    FP8: tl.constexpr,
+    FP8: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
 ):
     """Fold the key blocks K_j, V_j with start <= j·B_c < end into (acc, l_i, m_i, v_descale).
 
@@ -98,8 +98,10 @@ def _attn_fwd_inner(
     the window and past Nk (``scores``); the others are seen whole by every row.
     FP8: q_descale is δ_q of Q_i; K_DESCALE, V_DESCALE point at this head's δ_k, δ_v (one per
     SCALE_BLOCK keys); acc_i is kept as O_i-so-far / δ_v of the last block, v_descale (1.0 otherwise).
+    WARP_SPECIALIZE asks Triton to split the loop into warps that load and warps that compute (an
+    experiment, off by default).
     """
-    for start_n in range(start, end, BLOCK_N):
+    for start_n in tl.range(start, end, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         offs_n = start_n + tl.arange(0, BLOCK_N)
         if FP8:
@@ -202,7 +204,7 @@ def _attn_fwd_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     LEFT_LIMIT: tl.constexpr, RIGHT_LIMIT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
     DROPOUT: tl.constexpr, RETURN_PROBS: tl.constexpr, FP8: tl.constexpr,
-    USE_TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """O_i, L_i for one block of B_r = BLOCK_M query rows of one (sequence, head), over one split of its keys.
 
@@ -212,7 +214,7 @@ def _attn_fwd_kernel(
     stride_lh). With several splits, program (·, ·, s) writes its partial O_i, L_i at O + s · stride_os,
     L + s · stride_ls (``splitkv.py`` merges them). P receives the unnormalised probabilities when
     RETURN_PROBS. N_BUCKET and TMA_MODE are read only by the autotuner (its key); USE_TMA loads K_j,
-    V_j through tensor descriptors.
+    V_j through tensor descriptors; WARP_SPECIALIZE warp-specializes the key loops (an experiment).
 
     FP8 (dense batches, one split): Q, K, V in e4m3, V key-major (stride_vn = 1); Q_DESCALE (B, H,
     ⌈Nq / SCALE_BLOCK⌉), K_DESCALE and V_DESCALE (B, Hkv, ⌈Nk / SCALE_BLOCK⌉), contiguous float32
@@ -297,7 +299,7 @@ def _attn_fwd_kernel(
             k_start, page_size, offs_m, offs_d, lo, mid_lo, pid_bh, Nk, offset, Nq_max, Nk_max,
             qk_scale, left, right, softcap_scale, softcap_log2, slope_log2, dropout_p, seed, philox_offset,
             True, LEFT_LIMIT, RIGHT_LIMIT, SOFTCAP, ALIBI, DROPOUT,
-            HEAD_DIM, BLOCK_M, BLOCK_N, UPCAST, DOT_PRECISION, USE_TMA, FP8,
+            HEAD_DIM, BLOCK_M, BLOCK_N, UPCAST, DOT_PRECISION, USE_TMA, FP8, WARP_SPECIALIZE,
         )
     acc, l_i, m_i, v_descale = _attn_fwd_inner(
         acc, l_i, m_i, v_descale, q, q_descale, K_DESCALE, V_DESCALE,
@@ -305,7 +307,7 @@ def _attn_fwd_kernel(
         k_start, page_size, offs_m, offs_d, mid_lo, mid_hi, pid_bh, Nk, offset, Nq_max, Nk_max,
         qk_scale, left, right, softcap_scale, softcap_log2, slope_log2, dropout_p, seed, philox_offset,
         False, LEFT_LIMIT, RIGHT_LIMIT, SOFTCAP, ALIBI, DROPOUT,
-        HEAD_DIM, BLOCK_M, BLOCK_N, UPCAST, DOT_PRECISION, USE_TMA, FP8,
+        HEAD_DIM, BLOCK_M, BLOCK_N, UPCAST, DOT_PRECISION, USE_TMA, FP8, WARP_SPECIALIZE,
     )
     acc, l_i, m_i, v_descale = _attn_fwd_inner(
         acc, l_i, m_i, v_descale, q, q_descale, K_DESCALE, V_DESCALE,
@@ -313,7 +315,7 @@ def _attn_fwd_kernel(
         k_start, page_size, offs_m, offs_d, mid_hi, hi, pid_bh, Nk, offset, Nq_max, Nk_max,
         qk_scale, left, right, softcap_scale, softcap_log2, slope_log2, dropout_p, seed, philox_offset,
         True, LEFT_LIMIT, RIGHT_LIMIT, SOFTCAP, ALIBI, DROPOUT,
-        HEAD_DIM, BLOCK_M, BLOCK_N, UPCAST, DOT_PRECISION, USE_TMA, FP8,
+        HEAD_DIM, BLOCK_M, BLOCK_N, UPCAST, DOT_PRECISION, USE_TMA, FP8, WARP_SPECIALIZE,
     )
 
     # O_i = acc_i / l_i, one division at the end; a row that saw no key (l_i = 0) gets O_i = 0
