@@ -74,7 +74,7 @@ def long_context_lines(paths, issue) -> tuple:
         met = (ours["peak_over_io"] or 0) <= most_peak and (least_ratio is None or (ratio or 0) >= least_ratio)
         all_met = all_met and met
         lines.append(f"{path}: {ours['tflops']:.0f} TFLOP/s, {bench.fmt_value(ratio, '.2f')}× sdpa-cudnn "
-                     f"(target {least_ratio or '-'}), peak {ours['peak_over_io']:.3f}× the IO bytes "
+                     f"(target {least_ratio or '-'}), peak {bench.fmt_value(ours['peak_over_io'], '.3f')}× the IO bytes "
                      f"(target ≤ {most_peak}): {'met' if met else 'NOT met'}")
     return lines, all_met
 

@@ -38,7 +38,8 @@ embeddings, and attends over each sequence's cached keys (``cache_seqlens``, ``c
 Differences: float32 inputs and CPU tensors (in Triton's interpreter) are accepted too; head dims
 1 to 256 need no padding; rotary dims need only be even, pages may have any size. ``deterministic`` is
 accepted and changes nothing: the backward pass is always deterministic (no atomics; a second run
-gives bitwise the same gradients).
+gives bitwise the same gradients). The faster backward with dQ by atomics is
+``flashcourse.flash_attention(..., deterministic=False)``.
 """
 
 import math
