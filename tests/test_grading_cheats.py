@@ -11,7 +11,7 @@ import time
 
 from flashcourse.grading import grade
 from flashcourse.grading.report import total
-from grading_helpers import SOLUTIONS, solution, submit
+from grading_helpers import SOLUTIONS, body, solution, submit
 
 WRONG_NAIVE = '''
 def naive_attention(q, k, v, causal=False, scale=None):
@@ -82,7 +82,6 @@ for fd in range(3, 256):
             pipes.append(fd)
     except OSError:
         pass
-open({str(tmp_path / "proof")!r}, "w").write(str(len(pipes)))
 for fd in pipes:
     try:
         os.write(fd, pickle.dumps(Payload()) * 8)
@@ -90,9 +89,9 @@ for fd in pipes:
         pass
 '''
     results = grade(["ch01"], submit(tmp_path, ch01_naive=cheat), exercises=["causal_mask"])
-    assert int((tmp_path / "proof").read_text()) > 0  # it did find the pipes of the protocol
     assert not marker.exists()
-    assert _points(results)[0] == 0 and "not a result" in results[0].message
+    # it did find the pipe of the replies: what it wrote is what the grader refused
+    assert _points(results)[0] == 0 and "not a result (a message without the protocol's marker)" in results[0].message
 
 
 def test_a_submission_that_loads_solutions_from_disk_loses(tmp_path):
@@ -129,12 +128,20 @@ def _survivors(token: str) -> list:
     return found
 
 
-def test_a_detached_process_cannot_rewrite_the_report(tmp_path):
-    """The learner's code starts a daemon (double fork, setsid) that keeps writing a perfect score into
-    results.json: the report must be written after it is dead, and stay as written."""
-    report, token = tmp_path / "results.json", secrets.token_hex(8)
-    cheat = solution("ch01_naive").split("def naive_attention")[0] + WRONG_NAIVE + '''
+WRITER = """
 import json, os, time
+open(os.environ["CHEAT_REPORT"] + ".proof", "w").close()
+end = time.time() + 30
+while time.time() < end:
+    try:
+        with open(os.environ["CHEAT_REPORT"], "w") as f:
+            json.dump({"score": 999, "max_score": 999, "tests": []}, f)
+    except OSError:
+        pass
+    time.sleep(0.02)
+"""
+DAEMON = f"""
+import os, sys
 
 def _daemon():
     if os.fork():
@@ -142,19 +149,21 @@ def _daemon():
     os.setsid()
     if os.fork():
         os._exit(0)
-    open(os.environ["CHEAT_REPORT"] + ".proof", "w").close()
-    end = time.time() + 30
-    while time.time() < end:
-        try:
-            with open(os.environ["CHEAT_REPORT"], "w") as f:
-                json.dump({"score": 999, "max_score": 999, "tests": []}, f)
-        except OSError:
-            pass
-        time.sleep(0.02)
-    os._exit(0)
+    os.execv(sys.executable, [sys.executable, "-c", {WRITER!r}])
+"""
 
-_daemon()
-'''
+
+def test_a_detached_process_cannot_rewrite_the_report(tmp_path):
+    """The learner's code starts a daemon (double fork, setsid) that keeps writing a perfect score into
+    results.json: the report must be written after it is dead, and stay as written. (A plain os.fork is
+    refused; this one hides its code under the name of a library file, so it runs: the grader kills it.)"""
+    report, token = tmp_path / "results.json", secrets.token_hex(8)
+    cheat = solution("ch01_naive").split("def naive_attention")[0] + WRONG_NAIVE + f"""
+import torch as _t
+_ns = {{}}
+exec(compile({DAEMON!r}, _t.__file__, "exec"), _ns)
+_ns["_daemon"]()
+"""
     folder = submit(tmp_path, ch01_naive=cheat)
     env = {**os.environ, "CHEAT_REPORT": str(report), "CHEAT_TOKEN": token,
            "PYTHONPATH": os.pathsep.join([str(SOLUTIONS.parent), os.environ.get("PYTHONPATH", "")])}
@@ -167,3 +176,24 @@ _daemon()
     time.sleep(0.5)
     assert json.loads(report.read_text()) == written
     assert _survivors(token) == [] and (tmp_path / "results.json.proof").exists()
+
+
+def test_a_process_a_thread_a_file_or_ctypes_is_refused_to_the_submission(tmp_path):
+    """The plain ways out of the worker's sight fail the whole file when the file does them on import,
+    and the exercise when a call does them."""
+    cases = {"import os\nos.fork()": "started a process (os.fork)",
+             "import threading\nthreading.Thread(target=print).start()": "started a thread",
+             "open('/etc/hostname').read()": "opened a file (open /etc/hostname)",
+             "import ctypes\nctypes.CDLL(None)": "used ctypes",
+             "import sys\nsys.setprofile(None)": "switched the profiler off",
+             "import sys\nsys._getframe(0)": "looked at the grader's frames"}
+    folder = tmp_path
+    for code, words in cases.items():
+        submit(folder, ch01_naive=solution("ch01_naive") + "\n" + code + "\n")
+        results = grade(["ch01"], folder, exercises=["causal_mask"])
+        assert _points(results)[0] == 0 and words in results[0].message and "while the file was imported" in results[0].message, \
+            (code, results[0].message)
+    inside = body(solution("ch02_softmax"), "safe_softmax", "import threading\nthreading.Thread(target=print).start()\n"
+                                                             "return torch.softmax(x, -1)")
+    results = grade(["ch02"], submit(folder, ch02_softmax=inside), exercises=["safe_softmax"])
+    assert _points(results)[0] == 0 and "started a thread (threading) in safe_softmax" in results[0].message

@@ -148,7 +148,7 @@ MUTANTS = [
       "    return attention_forward(q, k, v, causal=causal, scale=1 / math.sqrt(q.shape[-1]) if scale is None else scale)\n"),
      "calls flashcourse.kernels.forward"),
     ("ch05_triton_forward", "attention_fwd_kernel", "the launcher computes in torch", ("require_implemented(attention_fwd_kernel)\n", FWD_IN_TORCH),
-     "never launched attention_fwd_kernel"),
+     "computed with torch"),
     ("ch07_triton_backward", "dq_kernel", "the launcher calls flashcourse's backward",
      ("    require_implemented(dq_kernel)\n",
       "    from flashcourse.kernels.backward import attention_backward\n"
@@ -162,10 +162,12 @@ MUTANTS = [
 # reads past the end of an input: they need the guard pages of a worker process
 OUT_OF_BOUNDS = [
     ("ch04_triton_primer", "add_kernel", "unmasked load of x, masked store",
-     ("x = tl.load(x_ptr + offs, mask=mask)", "x = tl.load(x_ptr + offs)"), "read past the end of x"),
-    ("ch04_triton_primer", "add_kernel", "offs <= n", ("mask = offs < n\n    x = tl.load", "mask = offs <= n\n    x = tl.load"), "read past the end of x"),
+     ("x = tl.load(x_ptr + offs, mask=mask)", "x = tl.load(x_ptr + offs)"), "read past the end of add_kernel's x_ptr"),
+    ("ch04_triton_primer", "add_kernel", "offs <= n", ("mask = offs < n\n    x = tl.load", "mask = offs <= n\n    x = tl.load"),
+     "past the end of add_kernel's"),
     ("ch05_triton_forward", "attention_fwd_kernel", "unmasked K loads",
-     ("k = load_tile(K + bh * Nk * HEAD_DIM, offs_n, offs_d, HEAD_DIM, 1, Nk, HEAD_DIM)", K_UNMASKED), "read past the end of k"),
+     ("k = load_tile(K + bh * Nk * HEAD_DIM, offs_n, offs_d, HEAD_DIM, 1, Nk, HEAD_DIM)", K_UNMASKED),
+     "read past the end of attention_fwd_kernel's K"),
 ]
 
 

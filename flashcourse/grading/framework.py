@@ -77,17 +77,28 @@ class Exercise:
     """What the grader asks of one exercise besides its results.
 
     defines: the names (``f``, ``Class.method``, a kernel) that the submission file itself must define;
-    allow: qualified names of flashcourse functions it may call besides ``ALLOWED`` (the stubs' helpers).
+    allow: qualified names of flashcourse functions it may call besides ``ALLOWED`` (the stubs' helpers);
+    forbid: names of library functions that do the exercise's work and that it may not call (e.g.
+    ``softmax`` in a softmax exercise, ``run_backward``, i.e. autograd, in a backward pass);
+    instead: what to do, said when it calls one (default: write it yourself).
     """
 
     name: str
     defines: tuple
     allow: tuple = ()
+    forbid: tuple = ()
+    instead: str = ""
 
 
 # flashcourse code that any exercise may run: the grader's own helpers and what the stubs import
 ALLOWED = ("flashcourse.grading.", "flashcourse.kernels.common.load_tile", "flashcourse.kernels.common.store_tile",
            "flashcourse.kernels.common.dot")
+# what the submission may use of the grader (the stubs import them)
+GRADER_NAMES = ("require_implemented", "require_kernel_dtype")
+# library functions that compute attention, its softmax or its gradients: the exercises that are about them
+ATTENTION = ("scaled_dot_product_attention", "_scaled_dot_product_attention_math", "multi_head_attention_forward")
+SOFTMAX = ("softmax", "log_softmax", "_softmax", "_log_softmax", "special_softmax", "special_log_softmax")
+AUTOGRAD = ("run_backward", "_engine_run_backward")
 
 
 class ChapterChecks(list):
@@ -105,8 +116,9 @@ class ChapterChecks(list):
         self.exercises: dict = {}
         self.drivers: dict = {}
 
-    def exercise(self, name: str, *, defines: Optional[tuple] = None, allow: tuple = ()) -> Exercise:
-        self.exercises[name] = Exercise(name, tuple(defines or (name,)), tuple(allow))
+    def exercise(self, name: str, *, defines: Optional[tuple] = None, allow: tuple = (), forbid: tuple = (),
+                 instead: str = "") -> Exercise:
+        self.exercises[name] = Exercise(name, tuple(defines or (name,)), tuple(allow), tuple(forbid), instead)
         return self.exercises[name]
 
     def spec(self, name: str) -> Exercise:

@@ -2,11 +2,12 @@
 
 import torch
 
-from ..framework import ChapterChecks, qkv
+from ..framework import ATTENTION, ChapterChecks, qkv
 from ._common import (EXPLICIT_SCALE, ROLES, SCALE_HINT, TILED, check_forward, expect_tiles, large_logit_cases,
                       oracle, expect_output)
 
 CHECKS = ChapterChecks("ch03", file="ch03_tiling", notebook="03_tiling")
+CHECKS.exercise("tiled_attention_forward", forbid=ATTENTION)
 
 
 def _check(m, **kwargs):

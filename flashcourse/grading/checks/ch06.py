@@ -3,11 +3,14 @@ flashcourse.naive_attention_backward in float64."""
 
 import torch
 
-from ..framework import ChapterChecks, expect_close, qkv, randn, tolerance
-from ._common import (EXPLICIT_SCALE, ROLES, SCALE_HINT, TILED, attention_cases, backward_case, expect_grads,
-                      expect_tiles, large_logit_cases)
+from ..framework import ATTENTION, AUTOGRAD, ChapterChecks, expect_close, qkv, randn, tolerance
+from ._common import (EXPLICIT_SCALE, ROLES, SCALE_HINT, TILED, attention_cases, backward_case, exact_grads,
+                      expect_grads, expect_tiles, large_logit_cases)
 
 CHECKS = ChapterChecks("ch06", file="ch06_backward", notebook="06_backward_math")
+# the gradients from the formulas: not from autograd (which would differentiate the forward for you)
+CHECKS.exercise("naive_backward", forbid=AUTOGRAD + ATTENTION)
+CHECKS.exercise("tiled_backward", forbid=AUTOGRAD + ATTENTION)
 
 
 @CHECKS.add("backward_delta", "D = rowsum(dO ∘ O), float32, float16 and bfloat16",
@@ -28,7 +31,8 @@ def _grad_check(m, fn: str, tiled: bool, scale=None, blocks=None, cases=None, **
         args = (q, k, v, o, lse, do) if tiled else (q, k, v, o, do)
         kwargs = {"causal": causal, **({} if scale is None else {"scale": scale}), **blocks}
         case += "".join(f" {name}={b}" for name, b in kwargs.items() if name != "causal")
-        expect_grads(f"{fn}(...)", getattr(m, fn)(*args, **kwargs), want, (q, k, v), case)
+        exact = lambda: exact_grads(q, k, v, do, causal, scale)  # noqa: E731
+        expect_grads(f"{fn}(...)", getattr(m, fn)(*args, **kwargs), want, (q, k, v), case, exact=exact)
 
 
 @CHECKS.add("naive_backward", "not causal", points=2,

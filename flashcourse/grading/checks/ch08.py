@@ -11,9 +11,12 @@ import math
 
 import torch
 
-from ..framework import ChapterChecks, CheckFailed, expect, expect_close, randn, tolerance
+from ..framework import ATTENTION, ChapterChecks, CheckFailed, expect, expect_close, randn, tolerance
 
 CHECKS = ChapterChecks("ch08", file="ch08_module", notebook="08_transformer")
+CHECKS.exercise("MultiHeadAttention.forward", forbid=ATTENTION,
+                instead="the module computes its attention with self.attention(q, k, v, causal=self.causal), "
+                        "which the grader swaps for its own")
 ROUTED_SCALE = 0.5
 
 
