@@ -11,6 +11,8 @@ its checks, what each exercise must define, and the worker-side drivers of calls
 one function call (e.g. building an ``nn.Module``). Adding a chapter is that file plus its solution.
 """
 
+import contextlib
+import hashlib
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -199,10 +201,33 @@ def expect(condition: bool, message: str, hint: Optional[str] = None) -> None:
         raise CheckFailed(message, hint)
 
 
+_OFFSET = [0]  # added to every seed of a check while one submission file is graded (see ``seeded``)
+
+
+@contextlib.contextmanager
+def seeded(source: Optional[str]):
+    """While one submission file is graded, every seed of its checks is offset by a hash of its text: the
+    same file always gets the same inputs (and the same score), and no file can hold the answers to its
+    own inputs (they change with every character of it)."""
+    _OFFSET[0] = int(hashlib.sha256(source.encode()).hexdigest()[:6], 16) * 1000 if source else 0
+    try:
+        yield
+    finally:
+        _OFFSET[0] = 0
+
+
+def _generator(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed + _OFFSET[0])
+
+
 def randn(*shape, seed: int, dtype=torch.float32, scale: float = 1.0) -> torch.Tensor:
-    """Reproducible N(0, scale²) samples in ``dtype``, drawn in float64."""
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dtype)
+    """Reproducible N(0, scale²) samples in ``dtype``, drawn in float64 (seeded per submission, see ``seeded``)."""
+    return (torch.randn(*shape, generator=_generator(seed), dtype=torch.float64) * scale).to(dtype)
+
+
+def uniform(low: float, high: float, *, seed: int) -> float:
+    """A reproducible number in [low, high) (seeded per submission, see ``seeded``)."""
+    return low + (high - low) * torch.rand((), generator=_generator(seed), dtype=torch.float64).item()
 
 
 def qkv(B, H, Nq, Nk, d, *, seed: int, dtype=torch.float32, scale: float = 1.0):

@@ -26,7 +26,7 @@ import torch
 
 from . import wire
 from .checks import all_chapters, chapter_ids
-from .framework import GRADER_NAMES, STUB_SUFFIX, CheckFailed
+from .framework import GRADER_NAMES, STUB_SUFFIX, CheckFailed, seeded
 from .procs import StillRunning, WorkerDied, WorkerProcess, WorkerTimeout, subreaper
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -469,7 +469,8 @@ def run_check(session: Session, check, timeout: float, chapter_checks) -> Result
         if repeated is not None:
             raise repeated
         torch.manual_seed(0)
-        check.run(Submission(session, check, start + timeout, output))
+        with seeded(session.source):  # the inputs of this very file: the same every time, unknown before
+            check.run(Submission(session, check, start + timeout, output))
         result.earned = check.points
     except CheckFailed as e:
         result.status, result.message = "failed", str(e)

@@ -64,17 +64,20 @@ def _(m):
     _grad_check(m, "tiled_backward", True, causal_options=(False,))
 
 
-@CHECKS.add("tiled_backward", "tile by tile: no score tensor beyond one block_m × block_n tile",
-            hint="recompute P_ij, dP_ij and dS_ij inside both loops, for one (block_m, block_n) tile at a time")
+@CHECKS.add("tiled_backward", "tile by tile: no score tensor (or mask) beyond one block_m × block_n tile",
+            hint="recompute P_ij, dP_ij, dS_ij and the causal mask inside both loops, for one (block_m, block_n) tile "
+                 "at a time")
 def _(m):
     T = TILED
     q, k, v = qkv(T["B"], T["H"], T["Nq"], T["Nk"], T["d"], seed=5)
-    o, lse, do, want = backward_case(q, k, v, False)
     blocks = {"block_m": T["block_m"], "block_n": T["block_n"]}
     call = m.tiled_backward.watch("tiles", roles=ROLES, Nq=T["Nq"], Nk=T["Nk"], **blocks)
-    got, seen = call(q, k, v, o, lse, do, causal=False, **blocks)
-    expect_tiles("tiled_backward", seen)
-    expect_grads("tiled_backward(...)", got, want, (q, k, v), "B=1 H=2 Nq=70 Nk=45 d=16 block_m=12 block_n=7")
+    for causal in (False, True):
+        o, lse, do, want = backward_case(q, k, v, causal)
+        got, seen = call(q, k, v, o, lse, do, causal=causal, **blocks)
+        expect_tiles("tiled_backward", seen)
+        expect_grads("tiled_backward(...)", got, want, (q, k, v), "B=1 H=2 Nq=70 Nk=45 d=16 block_m=12 block_n=7" +
+                     (" causal" if causal else ""), exact=lambda: exact_grads(q, k, v, do, causal))
 
 
 @CHECKS.add("tiled_backward", "causal (Nq == Nk, Nq < Nk, Nq > Nk)", points=2,
