@@ -330,6 +330,9 @@ def _crash_message(session, message, deadline, device, died: WorkerDied) -> str:
     status = died.status
     if status is None:
         return "the worker stopped answering during this check (did your code close its pipes or file descriptors?)"
+    if status == 70:  # procs: the worker itself failed, after the learner's code had run in it
+        return ("the grading process broke down during this check (exit status 70): did your code change Python, "
+                "torch or the grader?")
     if status >= 0:
         return (f"your code ended the grading process (exit status {status}, e.g. os._exit() or a "
                 f"crashed thread) during this check")

@@ -76,7 +76,8 @@ LAYOUT_OPS = frozenset("""
 # audit events that the submission's own code may not raise (the plain ways out of the worker's sight)
 REFUSED_EVENTS = {"open": "opened a file", "os.fork": "started a process", "os.forkpty": "started a process", "os.posix_spawn": "started a process",
                   "os.spawn": "started a process", "os.exec": "started a program", "os.system": "started a program",
-                  "subprocess.Popen": "started a program", "sys.setprofile": "switched the profiler off",
+                  "subprocess.Popen": "started a program", "os.kill": "sent a signal", "os.killpg": "sent a signal",
+                  "signal.pthread_kill": "sent a signal", "sys.setprofile": "switched the profiler off",
                   "sys.settrace": "switched the profiler off", "sys._getframe": "looked at the grader's frames",
                   "sys.addaudithook": "added an audit hook", "gc.get_objects": "looked at the grader's objects",
                   "gc.get_referrers": "looked at the grader's objects", "gc.get_referents": "looked at the grader's objects",
@@ -693,8 +694,8 @@ class Worker:
 
     def _judge(self, exercise, stats, defines) -> dict:
         """The rule that the traced call broke, or None. Of the forbidden flashcourse functions it ran,
-        the one named is one that no flashcourse code reached (the one the learner's code called)."""
-        ran, resolved, forbidden, package = set(), {}, [], set()
+        the one named is one that no other of them reached (the one the learner's code called)."""
+        ran, resolved, forbidden = set(), {}, []
         for entry in stats:
             code = entry.code
             if isinstance(code, str):
@@ -719,7 +720,6 @@ class Worker:
                 continue
             qualified = package_name(filename, getattr(code, "co_qualname", code.co_name))
             if qualified is not None:
-                package.add(code)
                 if code.co_name != "<module>" and not self._allowed(qualified, exercise):
                     forbidden.append((code, qualified))
             elif not resolved[filename].startswith(self.roots):
@@ -729,7 +729,7 @@ class Worker:
                 return {"kind": "forbidden", "file": self.path.name, "name": exercise.name, "library": True,
                         "calls": _library_name(resolved[filename], getattr(code, "co_qualname", code.co_name))}
         if forbidden:
-            inner = _reached_from(package, stats)
+            inner = _reached_from({c for c, _ in forbidden}, stats)
             outer = [q for c, q in forbidden if c not in inner] or [forbidden[0][1]]
             return {"kind": "forbidden", "file": self.path.name, "name": exercise.name, "calls": outer[0]}
         for dotted, code in defines:
