@@ -11,7 +11,8 @@ import time
 
 from flashcourse.grading import grade
 from flashcourse.grading.report import total
-from grading_helpers import SOLUTIONS, body, solution, submit
+from flashcourse.grading.runner import grader_use
+from grading_helpers import SOLUTIONS, body, edit, solution, submit
 
 WRONG_NAIVE = '''
 def naive_attention(q, k, v, causal=False, scale=None):
@@ -111,9 +112,22 @@ def naive_attention(q, k, v, causal=False, scale=None):
     assert "causal_mask is not defined in ch01_naive.py: it comes from" in messages["causal_mask"]
     assert "solutions/ch01_naive.py" in messages["naive_attention"]
     source = solution("ch01_naive").replace("def causal_mask", "exec_me = None\ndef causal_mask")
-    cheat = f"source = {source!r}\nexec(source)\n"
-    results = grade(["ch01"], submit(tmp_path, ch01_naive=cheat), exercises=["causal_mask"])
-    assert _points(results)[0] == 0 and "exec()" in results[0].message
+    for cheat in (f"source = {source!r}\nexec(source)\n",
+                  # compiled under the file's own name: still not the file's text
+                  f"source = {source!r}\nexec(compile(source, __file__, 'exec'))\n"):
+        results = grade(["ch01"], submit(tmp_path, ch01_naive=cheat), exercises=["causal_mask"])
+        assert _points(results)[0] == 0 and "exec() or compile() of text that is not in the file" in results[0].message
+    # reading another file: solutions/ (runpy, open) or the package's source (to exec it inside a function)
+    cheats = [f"import runpy\nglobals().update(runpy.run_path({str(SOLUTIONS / 'ch01_naive.py')!r}))\n",
+              f"exec(compile(open({str(SOLUTIONS / 'ch01_naive.py')!r}).read(), __file__, 'exec'))\n",
+              solution("ch01_naive").split("def naive_attention")[0] + WRONG_NAIVE.replace(
+                  "    return torch.zeros_like(q)",
+                  "    import inspect, flashcourse.reference as r\n    ns = dict(vars(r))\n"
+                  "    exec(inspect.getsource(r.naive_attention), ns)\n"
+                  "    return ns['naive_attention'](q, k, v, causal=causal, scale=scale)")]
+    for cheat in cheats:
+        results = grade(["ch01"], submit(tmp_path, ch01_naive=cheat), exercises=["naive_attention"])
+        assert _points(results)[0] == 0 and "your code opened a file (open " in results[0].message, results[0].message
 
 
 def _survivors(token: str) -> list:
@@ -186,7 +200,9 @@ def test_a_process_a_thread_a_file_or_ctypes_is_refused_to_the_submission(tmp_pa
              "open('/etc/hostname').read()": "opened a file (open /etc/hostname)",
              "import ctypes\nctypes.CDLL(None)": "used ctypes",
              "import sys\nsys.setprofile(None)": "switched the profiler off",
-             "import sys\nsys._getframe(0)": "looked at the grader's frames"}
+             "import sys\nsys._getframe(0)": "looked at the grader's frames",
+             "import os, signal\nos.kill(os.getppid(), signal.SIGSTOP)": "sent a signal (os.kill)",
+             "import torch\ntorch.load('/tmp/answers.pt')": "opened a file (open /tmp/answers.pt)"}
     folder = tmp_path
     for code, words in cases.items():
         submit(folder, ch01_naive=solution("ch01_naive") + "\n" + code + "\n")
@@ -197,3 +213,52 @@ def test_a_process_a_thread_a_file_or_ctypes_is_refused_to_the_submission(tmp_pa
                                                              "return torch.softmax(x, -1)")
     results = grade(["ch02"], submit(folder, ch02_softmax=inside), exercises=["safe_softmax"])
     assert _points(results)[0] == 0 and "started a thread (threading) in safe_softmax" in results[0].message
+
+
+def test_the_grader_itself_is_off_limits(tmp_path):
+    """Using the grader's modules (to switch the profiler's verdict off, to fake a probe, to read a check's
+    secrets) is refused from the submission's text, before any of it runs; replacing what the grader relies on
+    (torch.equal, a builtin) in any other way is seen after the import, or after the call."""
+    ch02 = solution("ch02_softmax")
+    for code in ["import flashcourse.grading.worker as w\nw.Worker._judge = lambda *a: None",
+                 "from flashcourse.grading import probes", "from flashcourse.grading.checks.ch08 import routed_scale",
+                 "import flashcourse\nflashcourse.grading.probes.PROBES.clear()",
+                 "import sys\nsys.modules['flashcourse.grading.probes'].PROBES.clear()"]:
+        assert grader_use(ch02 + "\n" + code + "\n") is not None, code
+    assert grader_use(solution("ch05_triton_forward")) is None  # what the stubs import
+    cheat = body(ch02, "online_softmax", "from flashcourse.softmax import online_softmax as theirs\nreturn theirs(x, block=block)")
+    results = grade(["ch02"], submit(tmp_path, ch02_softmax=cheat + "\nimport flashcourse.grading.worker as w\n"
+                                                                    "w.Worker._judge = lambda *a, **k: None\n"))
+    assert _points(results)[0] == 0 and "ch02_softmax.py uses flashcourse.grading.worker (line" in results[0].message
+    in_place = edit(solution("ch01_naive"), "S = scale * (Q @ K.transpose(-2, -1))", "S = Q.mul_(scale) @ K.transpose(-2, -1)")
+    results = grade(["ch01"], submit(tmp_path, ch01_naive=in_place + "\ntorch.equal = lambda a, b: True\n"),
+                    exercises=["naive_attention"])
+    assert _points(results)[0] == 0 and "changed torch.equal while the file was imported" in results[0].message
+    in_call = body(ch02, "safe_softmax", "import builtins\nbuiltins.sorted = list\nreturn x")
+    results = grade(["ch02"], submit(tmp_path, ch02_softmax=in_call), exercises=["safe_softmax"])
+    assert _points(results)[0] == 0 and "changed builtins.sorted" in results[0].message
+
+
+def test_a_reply_cannot_be_forged(tmp_path):
+    """A call that writes a well-formed reply (a wrong mask) into the grader's pipe for each id it might
+    have (requests are numbered by random tokens, not counted): refused as a reply to another request."""
+    forge = body(solution("ch01_naive"), "causal_mask", '''
+import json, os, stat, struct
+j, i = torch.arange(Nk)[None, :], torch.arange(Nq)[:, None]
+blob = (j <= i).numpy().tobytes()
+for fd in range(3, 64):
+    try:
+        if not stat.S_ISFIFO(os.fstat(fd).st_mode):
+            continue
+    except OSError:
+        continue
+    for rid in [*range(8), *map(str, range(8))]:
+        value = {"$tensor": 0, "dtype": "bool", "shape": [Nq, Nk], "device": "cpu"}
+        head = json.dumps({"body": {"id": rid, "value": value, "modified": []}, "$blobs": [len(blob)]}).encode()
+        try:
+            os.write(fd, b"FCW1" + struct.pack("<Q", len(head)) + head + blob)
+        except OSError:
+            pass
+return j <= i + (Nk - Nq)''')
+    results = grade(["ch01"], submit(tmp_path, ch01_naive=forge), exercises=["causal_mask"])
+    assert _points(results)[0] == 0 and "a reply to another request" in results[0].message
