@@ -413,6 +413,15 @@ class WorkerProcess:
             raise WorkerDied(self._exit_status())
         return frame
 
+    def cpu_seconds(self) -> Optional[float]:
+        """The CPU time (user and system, all threads) the worker has used so far; None where /proc is not."""
+        try:
+            with open(f"/proc/{self.pid}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        except (OSError, IndexError, ValueError, TypeError):
+            return None
+
     def _exit_status(self):
         if self.zygote is not None:
             return self.zygote.wait(self.pid)

@@ -30,7 +30,9 @@ from .framework import GRADER_NAMES, STUB_SUFFIX, CheckFailed, seeded
 from .procs import StillRunning, WorkerDied, WorkerProcess, WorkerTimeout, subreaper
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_TIMEOUT = 60.0  # seconds per check (the slowest takes a few on a 2-core CPU)
+DEFAULT_TIMEOUT = 60.0  # seconds of the worker's CPU time per check (the slowest takes a few on a 2-core CPU)
+WALL_FACTOR = 3  # ... and of wall time, this many times as long (a check that sleeps; a machine that is busy)
+POLL = 0.25  # seconds between two looks at the worker's CPU time
 START_TIMEOUT = 300.0  # seconds for a worker to import torch and Triton (the first time is slow)
 MAX_OUTPUT = 2000  # characters of captured learner output kept per check
 MAX_SOURCE = 4 << 20  # bytes of a submission file
@@ -166,6 +168,7 @@ class Session:
         self.process = None
         self.local = None
         self.request_id, self.answered = None, False  # answered: the process has answered a call before
+        self.cpu_spent = self.cpu_seen = 0.0
         self.disqualified = {}  # exercise (or None: the whole file) -> CheckFailed to repeat
         used = grader_use(self.source) if self.source is not None else None
         if used:
@@ -194,10 +197,18 @@ class Session:
 
     def stop(self) -> None:
         if self.process is not None:
+            self.cpu_spent, self.cpu_seen = self.cpu_used(), 0.0
             self.process.stop()
         self.process = None
 
-    def request(self, message: dict, deadline: float, device: str) -> tuple:
+    def cpu_used(self) -> float:
+        """CPU seconds used by this session's workers so far (the last one as last seen, if it is gone)."""
+        if self.process is not None:
+            seen = self.process.cpu_seconds()
+            self.cpu_seen = seen if seen is not None else self.cpu_seen
+        return self.cpu_spent + self.cpu_seen
+
+    def request(self, message: dict, budget: "Budget", device: str) -> tuple:
         """(reply dict, input names) of one call; WorkerTimeout / WorkerDied / ProtocolError otherwise."""
         self.request_id = secrets.token_hex(8)  # a reply cannot be forged by counting the calls
         message = {**message, "id": self.request_id}
@@ -209,7 +220,13 @@ class Session:
         names, started = [], False
         while True:
             try:
-                header, blobs = self.process.receive(deadline - time.monotonic())
+                wait = budget.left()
+                if wait <= 0:
+                    raise WorkerTimeout
+                try:
+                    header, blobs = self.process.receive(wait)
+                except WorkerTimeout:
+                    continue  # look at the budget again
             except WorkerDied as e:
                 e.inputs = names
                 self.stop()
@@ -258,6 +275,23 @@ def _expect_device(device: str):
     return place
 
 
+class Budget:
+    """The time limit of one check: ``seconds`` of the workers' CPU time (what the learner's code computes,
+    the same on a busy machine as on an idle one) and WALL_FACTOR times as many seconds of wall time."""
+
+    def __init__(self, session: Session, seconds: float):
+        self.session, self.seconds = session, seconds
+        self.cpu = session.cpu_used() if session.isolate else 0.0
+        self.wall = time.monotonic() + WALL_FACTOR * seconds
+
+    def left(self) -> float:
+        """Seconds to wait for a reply before looking again; 0 once the budget is spent."""
+        now = time.monotonic()
+        if now >= self.wall or self.session.cpu_used() - self.cpu >= self.seconds:
+            return 0.0
+        return min(POLL, self.wall - now)
+
+
 class Submission:
     """The learner's module as a check sees it: ``m.name(*args)`` runs ``name`` in the worker.
 
@@ -266,8 +300,8 @@ class Submission:
     ``m.run(driver, *args)`` runs a driver of the chapter on the learner's module.
     """
 
-    def __init__(self, session: Session, check, deadline: float, output: list):
-        self._session, self._check, self._deadline, self._output = session, check, deadline, output
+    def __init__(self, session: Session, check, budget: Budget, output: list):
+        self._session, self._check, self._budget, self._output = session, check, budget, output
 
     def __getattr__(self, name: str):
         if name.startswith("_"):
@@ -291,7 +325,7 @@ class _Remote:
         device = tensors[0].device.type if tensors else "cpu"
         message = {**self._target, "exercise": sub._check.exercise, "args": list(args), "kwargs": kwargs,
                    "device": device, "probe": self._probe}
-        reply = _ask(sub._session, message, sub._deadline, device)
+        reply = _ask(sub._session, message, sub._budget, device)
         sub._output.append(str(reply.get("output", "")))
         failure = reply.get("failure")
         if failure is not None:
@@ -314,19 +348,19 @@ class WorkerCrash(Exception):
     """The worker died during a check; the message says how, in the learner's terms."""
 
 
-def _ask(session: Session, message: dict, deadline: float, device: str) -> dict:
+def _ask(session: Session, message: dict, budget: Budget, device: str) -> dict:
     """The reply to one call; on a crash on the CPU, find the input read past its end."""
     try:
-        reply, _ = session.request(message, deadline, device)
+        reply, _ = session.request(message, budget, device)
         return reply
     except WorkerDied as e:
-        raise WorkerCrash(_crash_message(session, message, deadline, device, e)) from None
+        raise WorkerCrash(_crash_message(session, message, budget, device, e)) from None
     except wire.ProtocolError as e:
         raise WorkerCrash(f"the worker sent something that is not a result ({e}): does your code write to "
                           f"file descriptors it did not open?") from None
 
 
-def _crash_message(session, message, deadline, device, died: WorkerDied) -> str:
+def _crash_message(session, message, budget, device, died: WorkerDied) -> str:
     status = died.status
     if status is None:
         return "the worker stopped answering during this check (did your code close its pipes or file descriptors?)"
@@ -344,7 +378,7 @@ def _crash_message(session, message, deadline, device, died: WorkerDied) -> str:
     # access past the end of a tensor; if not, guard one tensor of its kernels at a time, the guard page
     # unreadable, then only unwritable (a crash then is a store)
     try:
-        reply = session.request({**message, "guard": {"only": []}}, deadline, device)[0]
+        reply = session.request({**message, "guard": {"only": []}}, budget, device)[0]
     except WorkerDied:
         return (f"the worker process was killed by {signame} during this check, also with room after every tensor "
                 f"its kernels got (a crash in native code, or a recursion too deep?)")
@@ -353,14 +387,14 @@ def _crash_message(session, message, deadline, device, died: WorkerDied) -> str:
     names = reply.get("launch_args") if isinstance(reply.get("launch_args"), list) else []
     for index, name in enumerate(names[:MAX_GUARDED]):
         try:
-            session.request({**message, "guard": {"only": [index]}}, deadline, device)
+            session.request({**message, "guard": {"only": [index]}}, budget, device)
             continue
         except WorkerDied:
             pass
         except (WorkerTimeout, wire.ProtocolError):
             break
         try:
-            session.request({**message, "guard": {"only": [index], "write": True}}, deadline, device)
+            session.request({**message, "guard": {"only": [index], "write": True}}, budget, device)
             wrote = False
         except WorkerDied:
             wrote = True
@@ -473,7 +507,7 @@ def run_check(session: Session, check, timeout: float, chapter_checks) -> Result
             raise repeated
         torch.manual_seed(0)
         with seeded(session.source):  # the inputs of this very file: the same every time, unknown before
-            check.run(Submission(session, check, start + timeout, output))
+            check.run(Submission(session, check, Budget(session, timeout), output))
         result.earned = check.points
     except CheckFailed as e:
         result.status, result.message = "failed", str(e)
@@ -483,8 +517,8 @@ def run_check(session: Session, check, timeout: float, chapter_checks) -> Result
         result.message = not_implemented_message(chapter_checks, check.exercise, session.target)
     except WorkerTimeout as e:
         result.status = "timed out"
-        result.message = (f"no result within the time limit of {timeout:g} s: an endless loop, or a loop "
-                          f"whose end is never reached?")
+        result.message = (f"no result within the time limit of {timeout:g} s of computing ({WALL_FACTOR * timeout:g} s "
+                          f"in all): an endless loop, or a loop whose end is never reached?")
         if getattr(e, "importing", False):
             file = f"{chapter_checks.file}.py"
             result.message = f"importing {file} did not finish within the time limit of {timeout:g} s"
