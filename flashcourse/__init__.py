@@ -14,7 +14,9 @@ from .grading import check
 
 if HAS_TRITON:  # Triton publishes wheels for Linux only: elsewhere the PyTorch chapters still run
     from .ops import flash_attention
-    from .flash_attn_interface import flash_attn_func, flash_attn_kvpacked_func, flash_attn_qkvpacked_func
+    from .flash_attn_interface import (flash_attn_func, flash_attn_kvpacked_func, flash_attn_qkvpacked_func,
+                                       flash_attn_varlen_func, flash_attn_varlen_kvpacked_func,
+                                       flash_attn_varlen_qkvpacked_func, flash_attn_with_kvcache)
     from .nn import FlashAttention, FlashCrossAttention, FlashSelfAttention, MultiHeadAttention
 else:
     def __getattr__(name):

@@ -249,7 +249,7 @@ def ring_send_recv(tensors: Sequence[torch.Tensor], group=None, tag: int = 0) ->
     device = tensors[0].device
     if P == 1:
         return Transfer([], None, list(tensors), device)
-    wire = [t.detach().to("cpu") if _staged(t, group) else t.detach().contiguous() for t in tensors]
+    wire = [(t.detach().to("cpu") if _staged(t, group) else t.detach()).contiguous() for t in tensors]
     received = [torch.empty_like(t) for t in wire]
     to, frm = global_rank((rank + 1) % P), global_rank((rank - 1) % P)
     ops = [dist.P2POp(dist.isend, t, to, group, tag) for t in wire]
@@ -259,7 +259,7 @@ def ring_send_recv(tensors: Sequence[torch.Tensor], group=None, tag: int = 0) ->
 
 def _all_to_all(x: torch.Tensor, group) -> torch.Tensor:
     """x (P, ...): slot j goes to rank j; slot i of the result came from rank i."""
-    wire = x.detach().to("cpu") if _staged(x, group) else x.detach().contiguous()
+    wire = (x.detach().to("cpu") if _staged(x, group) else x.detach()).contiguous()
     out = torch.empty_like(wire)
     dist.all_to_all_single(out, wire, group=group)
     return out.to(x.device)

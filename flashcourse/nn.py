@@ -3,7 +3,8 @@
 - ``flash_attn_func(q, k, v)``: the flash-attn package's function, layout (B, N, H, d) (from
   ``flashcourse.flash_attn_interface``, with its packed variants).
 - ``FlashSelfAttention`` (alias ``FlashAttention``) on a packed ``qkv`` of shape (B, N, 3, H, d), and
-  ``FlashCrossAttention`` on q and a packed ``kv``: flash-attn's ``flash_attn.modules.mha`` modules.
+  ``FlashCrossAttention`` on q and a packed ``kv``: flash-attn's ``flash_attn.modules.mha`` modules,
+  variable-length sequences (``cu_seqlens``, ``max_seqlen``) included.
 - ``MultiHeadAttention``: projections + attention, ``forward(x: (B, N, E)) -> (B, N, E)``, with a
   choice of backend ("flash", "tiled", "naive", "sdpa") so that one model can run on each of them.
 
@@ -18,7 +19,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._checks import causal_mask
-from .flash_attn_interface import check_bnhd, flash_attn_kvpacked_func, flash_attn_qkvpacked_func
+from .flash_attn_interface import (
+    check_bnhd,
+    flash_attn_kvpacked_func,
+    flash_attn_qkvpacked_func,
+    flash_attn_varlen_kvpacked_func,
+    flash_attn_varlen_qkvpacked_func,
+)
 from .flash_attn_interface import flash_attn_func  # noqa: F401  (re-exported: flashcourse.nn.flash_attn_func)
 from .ops import flash_attention
 from .reference import naive_attention
@@ -55,12 +62,12 @@ def _attention_bnhd(q, k, v, *, causal: bool, scale: Optional[float], backend: s
     return attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=causal, scale=scale).transpose(1, 2)
 
 
-def _no_varlen(**lengths) -> None:
-    if any(v is not None for v in lengths.values()):
-        raise NotImplementedError(
-            f"variable-length batches ({', '.join(lengths)}) are not supported yet: pad the batch to (B, N, ...) "
-            f"and mask the padding, or call once per sequence"
-        )
+def _varlen(**lengths) -> bool:
+    """Whether a module call is variable-length: cu_seqlens and max_seqlen given (and the same for k)."""
+    given = [name for name, value in lengths.items() if value is not None]
+    if given and len(given) != len(lengths):
+        raise ValueError(f"a variable-length call passes {', '.join(lengths)} together; got only {', '.join(given)}")
+    return bool(given)
 
 
 class _FlashModule(nn.Module):
@@ -100,7 +107,10 @@ class FlashSelfAttention(_FlashModule):
         super().__init__(causal, softmax_scale, attention_dropout, window_size, alibi_slopes, deterministic)
 
     def forward(self, qkv, causal=None, cu_seqlens=None, max_seqlen=None):
-        _no_varlen(cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+        """qkv (B, N, 3, H, d) -> (B, N, H, d); with cu_seqlens (B + 1,) int32 and max_seqlen, the packed
+        sequences qkv (total, 3, H, d) -> (total, H, d) (``flash_attn_varlen_qkvpacked_func``)."""
+        if _varlen(cu_seqlens=cu_seqlens, max_seqlen=max_seqlen):
+            return flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, **self._options(causal))
         return flash_attn_qkvpacked_func(qkv, **self._options(causal))
 
 
@@ -113,7 +123,11 @@ class FlashCrossAttention(_FlashModule):
         super().__init__(causal, softmax_scale, attention_dropout, window_size, alibi_slopes, deterministic)
 
     def forward(self, q, kv, causal=None, cu_seqlens=None, max_seqlen=None, cu_seqlens_k=None, max_seqlen_k=None):
-        _no_varlen(cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, cu_seqlens_k=cu_seqlens_k, max_seqlen_k=max_seqlen_k)
+        """q (B, Nq, H, d), kv (B, Nk, 2, Hkv, d) -> (B, Nq, H, d); with cu_seqlens, max_seqlen (of q) and
+        cu_seqlens_k, max_seqlen_k, packed sequences q (total_q, H, d), kv (total_k, 2, Hkv, d)."""
+        if _varlen(cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, cu_seqlens_k=cu_seqlens_k, max_seqlen_k=max_seqlen_k):
+            return flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens, cu_seqlens_k, max_seqlen, max_seqlen_k,
+                                                   **self._options(causal))
         return flash_attn_kvpacked_func(q, kv, **self._options(causal))
 
 

@@ -137,8 +137,8 @@ def test_self_attention_module(device):
     assert torch.equal(module(qkv), first) and not torch.equal(first, expected)
     assert torch.equal(module.eval()(qkv, causal=False), flash_attn_qkvpacked_func(
         qkv, window_size=(8, 0), alibi_slopes=module.alibi_slopes))
-    with pytest.raises(NotImplementedError, match="variable-length"):
-        module(qkv, cu_seqlens=torch.tensor([0, 33], dtype=torch.int32), max_seqlen=33)
+    with pytest.raises(ValueError, match="passes cu_seqlens, max_seqlen together"):
+        module(qkv, cu_seqlens=torch.tensor([0, 33], dtype=torch.int32))
 
 
 def test_cross_attention_module(device):

@@ -34,7 +34,7 @@ def test_pruner_keeps_the_listed_shapes(kernel, block_d, element_size):
     all_configs = [configs._triton_config(kernel, c) for c in configs._candidates(kernel)]
     q = torch.empty(1, dtype={2: torch.float16, 4: torch.float32}[element_size])
     listed = CANDIDATES[kernel][(max(64, block_d), element_size)]
-    for tma_mode in (0, 1, 2) if kernel == "forward" else (0,):
+    for tma_mode in (0, 1, 2) if kernel in ("forward", "decode") else (0,):
         kept = prune(all_configs, {"Q": q}, BLOCK_D=block_d, TMA_MODE=tma_mode)
         shapes = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in kept}
         assert shapes == set(listed)

@@ -1,5 +1,7 @@
 """The notebooks' helpers: memory measurements, the tile schedule, the online-softmax trace, figures and widgets."""
 
+from unittest import mock
+
 import matplotlib
 
 matplotlib.use("Agg")
@@ -135,7 +137,9 @@ def test_widgets_show_their_static_figure_without_a_front_end(monkeypatch):
     import matplotlib.figure
 
     assert not viz.widgets_live(), "outside a Jupyter kernel there is nothing to drive a slider"
-    monkeypatch.setattr("IPython.get_ipython", lambda: type("Shell", (), {"kernel": object()})())
+    # a stand-in for a Jupyter kernel's shell (matplotlib may call into it too: any attribute answers)
+    shell = mock.MagicMock(kernel=object())
+    monkeypatch.setattr("IPython.get_ipython", lambda: shell)
     assert viz.widgets_live()
     monkeypatch.setenv("FLASHCOURSE_STATIC_WIDGETS", "1")  # what the notebook tests set
     assert not viz.widgets_live()

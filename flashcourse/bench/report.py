@@ -142,13 +142,13 @@ def fmt_value(x, spec: str, width: int = 0) -> str:
 
 def format_results(results: Sequence[Measurement]) -> str:
     """A plain-text table of the measurements (ms, TFLOP/s, peak memory, status; the config when pinned)."""
-    head = f"{'provider':<15}{'mode':<8}{'dtype':<9}{'B':>4}{'H':>4}{'N':>7}{'d':>5} {'causal':<7}" \
+    head = f"{'provider':<19}{'mode':<8}{'dtype':<9}{'B':>4}{'H':>4}{'N':>7}{'d':>5} {'causal':<7}" \
            f"{'ms':>10} {'TFLOP/s':>9}{'peak MiB':>10}  status"
     lines = [head, "-" * len(head)]
     for m in results:
         status = m.status if not m.note else _shorten(f"{m.status}: {m.note}", 120)
         lines.append(
-            f"{m.provider:<15}{m.mode:<8}{m.dtype:<9}{m.B:>4}{m.H:>4}{m.N:>7}{m.d:>5} {str(m.causal):<7}"
+            f"{m.provider:<19}{m.mode:<8}{m.dtype:<9}{m.B:>4}{m.H:>4}{m.N:>7}{m.d:>5} {str(m.causal):<7}"
             f"{fmt_value(m.ms, '.3f', 10)} {fmt_value(m.tflops, '.4g', 9)}{fmt_value(m.peak_mib, '.0f', 10)}  {status}"
             + (f"  [{m.config}]" if m.pinned else "")
         )

@@ -31,6 +31,7 @@ from .._checks import check_attention_inputs, check_like
 from .common import check_kernel_device, dot, dot_args, load_tile, store_tile, to_dtype
 from .configs import PREPROCESS_BLOCK_M, KernelConfig, autotuned, launch, length_bucket
 from .scores import LOG2E, dropout_keep, key_range, query_range, score_args, score_constants, scores
+from .sequences import DENSE, Sequences, batch_strides, sequence_args, sequence_rows, sequence_shape
 
 
 @triton.jit
@@ -66,7 +67,7 @@ def _row_stats(L_bh, Delta_bh, offs_m, Nq):
 @triton.jit
 def _dkdv_tiles(dK_j, dV_j, K_j, V_j, Q_h, dO_h, L_h, Delta_h,
                 stride_qm, stride_qd, stride_dom, stride_dod,
-                start_n, lo, hi, bh, Nq, Nk, offset,
+                start_n, lo, hi, bh, Nq, Nk, offset, Nq_max, Nk_max,
                 qk_scale, left, right, softcap_scale, softcap_log2, slope_log2, dropout_p, seed, philox_offset,
                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 MASK: tl.constexpr, LEFT_LIMIT: tl.constexpr, RIGHT_LIMIT: tl.constexpr, SOFTCAP: tl.constexpr,
@@ -91,7 +92,7 @@ def _dkdv_tiles(dK_j, dV_j, K_j, V_j, Q_h, dO_h, L_h, Delta_h,
         # P_ijᵀ = exp(scale · S_ijᵀ − L_i) = exp2(log2e · scale · S_ijᵀ − log2e · L_i)
         PT_ij = tl.math.exp2(xT * c - L_i[None, :])
         if DROPOUT:
-            keepT = dropout_keep(seed, philox_offset, bh, offs_m[None, :], offs_n[:, None], Nq, Nk, dropout_p)
+            keepT = dropout_keep(seed, philox_offset, bh, offs_m[None, :], offs_n[:, None], Nq_max, Nk_max, dropout_p)
             # the output saw P_ij ∘ Z_ij / (1 − p)
             PT_seen = tl.where(keepT, PT_ij * (1.0 / (1.0 - dropout_p)), 0.0)
         else:
@@ -120,24 +121,34 @@ def _dkdv_kernel(Q, K, V, dO, dK, dV, L, Delta,
           stride_vb, stride_vh, stride_vn, stride_vd,
           stride_dob, stride_doh, stride_dom, stride_dod,
           stride_dkb, stride_dkh, stride_dkn, stride_dkd,
-          H, Hkv, Nq, Nk,
+          stride_lb, stride_lh,
+          H, Hkv, Nq_max, Nk_max, CU_SEQLENS_Q, CU_SEQLENS_K, SEQUSED_K, LEFTPAD_K,
           SLOPES, stride_slope_b, stride_slope_h, RNG, scale, left, right, softcap_scale, softcap_log2, dropout_p,
           N_BUCKET,
           HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
           LEFT_LIMIT: tl.constexpr, RIGHT_LIMIT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
           DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """dK_j, dV_j (B_c, d) of one key block j of one key/value head, summed over its query heads.
+    """dK_j, dV_j (B_c, d) of one key block j of one key/value head of one sequence, summed over its query heads.
 
-    Grid: (cdiv(Nk, B_c), B · Hkv). dK and dV are contiguous (B, Hkv, Nk, d) with the same strides.
+    Grid: (cdiv(Nk_max, B_c), B · Hkv). dK and dV have the same strides; L and Delta the strides
+    stride_lb, stride_lh with rows of stride 1. The sequences' rows: ``sequences.py``.
     """
     start_n = tl.program_id(0) * BLOCK_N
     b, hkv = (tl.program_id(1) // Hkv).to(tl.int64), (tl.program_id(1) % Hkv).to(tl.int64)
-    # this program's key rows (the queries are the last Nq positions: offset = Nk − Nq)
+    # this program's sequence: query rows q_start .. q_start + Nq − 1 and key rows k_start .. k_start + Nk − 1
+    # (sequences.py); the queries are the last Nq positions: offset = Nk − Nq
+    q_start, Nq, k_start, Nk = sequence_rows(b, CU_SEQLENS_Q, CU_SEQLENS_K, SEQUSED_K, LEFTPAD_K, None, Nq_max, Nk_max)
+    if start_n >= Nk:  # past the end of a sequence shorter than the longest
+        return
     offset = Nk - Nq
+    q_start = tl.cast(q_start, tl.int64)
+    k_start = tl.cast(k_start, tl.int64)
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    K_j = load_tile(K + b * stride_kb + hkv * stride_kh, offs_n, offs_d, stride_kn, stride_kd, Nk, HEAD_DIM)
-    V_j = load_tile(V + b * stride_vb + hkv * stride_vh, offs_n, offs_d, stride_vn, stride_vd, Nk, HEAD_DIM)
+    K_j = load_tile(K + b * stride_kb + hkv * stride_kh + k_start * stride_kn, offs_n, offs_d, stride_kn, stride_kd,
+                    Nk, HEAD_DIM)
+    V_j = load_tile(V + b * stride_vb + hkv * stride_vh + k_start * stride_vn, offs_n, offs_d, stride_vn, stride_vd,
+                    Nk, HEAD_DIM)
     dK_j = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dV_j = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     # query blocks [mid_lo, mid_hi) see the whole key block; [lo, mid_lo) cross the window's right edge
@@ -146,42 +157,42 @@ def _dkdv_kernel(Q, K, V, dO, dK, dV, L, Delta,
     group = H // Hkv
     for g in range(group):  # query head h = hkv · H/Hkv + g reads this key/value head
         h = hkv * group + g
-        Q_h = Q + b * stride_qb + h * stride_qh
-        dO_h = dO + b * stride_dob + h * stride_doh
-        L_h = L + (b * H + h) * Nq
-        Delta_h = Delta + (b * H + h) * Nq
+        Q_h = Q + b * stride_qb + h * stride_qh + q_start * stride_qm
+        dO_h = dO + b * stride_dob + h * stride_doh + q_start * stride_dom
+        L_h = L + b * stride_lb + h * stride_lh + q_start
+        Delta_h = Delta + b * stride_lb + h * stride_lh + q_start
         qk_scale, slope_log2, seed, philox_offset = score_constants(SLOPES, stride_slope_b, stride_slope_h, RNG,
                                                                     b, h, scale, ALIBI, DROPOUT)
         if RIGHT_LIMIT:
             dK_j, dV_j = _dkdv_tiles(dK_j, dV_j, K_j, V_j, Q_h, dO_h, L_h, Delta_h,
                                      stride_qm, stride_qd, stride_dom, stride_dod,
-                                     start_n, lo, mid_lo, b * H + h, Nq, Nk, offset,
+                                     start_n, lo, mid_lo, b * H + h, Nq, Nk, offset, Nq_max, Nk_max,
                                      qk_scale, left, right, softcap_scale, softcap_log2, slope_log2, dropout_p,
                                      seed, philox_offset, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N,
                                      True, LEFT_LIMIT, RIGHT_LIMIT, SOFTCAP, ALIBI, DROPOUT, UPCAST, DOT_PRECISION)
         dK_j, dV_j = _dkdv_tiles(dK_j, dV_j, K_j, V_j, Q_h, dO_h, L_h, Delta_h,
                                  stride_qm, stride_qd, stride_dom, stride_dod,
-                                 start_n, mid_lo, mid_hi, b * H + h, Nq, Nk, offset,
+                                 start_n, mid_lo, mid_hi, b * H + h, Nq, Nk, offset, Nq_max, Nk_max,
                                  qk_scale, left, right, softcap_scale, softcap_log2, slope_log2, dropout_p,
                                  seed, philox_offset, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N,
                                  False, LEFT_LIMIT, RIGHT_LIMIT, SOFTCAP, ALIBI, DROPOUT, UPCAST, DOT_PRECISION)
         if LEFT_LIMIT:
             dK_j, dV_j = _dkdv_tiles(dK_j, dV_j, K_j, V_j, Q_h, dO_h, L_h, Delta_h,
                                      stride_qm, stride_qd, stride_dom, stride_dod,
-                                     start_n, mid_hi, hi, b * H + h, Nq, Nk, offset,
+                                     start_n, mid_hi, hi, b * H + h, Nq, Nk, offset, Nq_max, Nk_max,
                                      qk_scale, left, right, softcap_scale, softcap_log2, slope_log2, dropout_p,
                                      seed, philox_offset, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N,
                                      True, LEFT_LIMIT, RIGHT_LIMIT, SOFTCAP, ALIBI, DROPOUT, UPCAST, DOT_PRECISION)
     # dK_j = scale · Σ_i dS_ijᵀ Q_i
     dK_j *= scale
-    out = b * stride_dkb + hkv * stride_dkh
+    out = b * stride_dkb + hkv * stride_dkh + k_start * stride_dkn
     store_tile(dK + out, to_dtype(dK_j, dK.dtype.element_ty), offs_n, offs_d, stride_dkn, stride_dkd, Nk, HEAD_DIM)
     store_tile(dV + out, to_dtype(dV_j, dV.dtype.element_ty), offs_n, offs_d, stride_dkn, stride_dkd, Nk, HEAD_DIM)
 
 
 @triton.jit
 def _dq_tiles(dQ_i, Q_i, dO_i, L_i, D_i, K_h, V_h, stride_kn, stride_kd, stride_vn, stride_vd,
-              start_m, lo, hi, bh, Nq, Nk, offset,
+              start_m, lo, hi, bh, Nk, offset, Nq_max, Nk_max,
               qk_scale, left, right, softcap_scale, softcap_log2, slope_log2, dropout_p, seed, philox_offset,
               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               MASK: tl.constexpr, LEFT_LIMIT: tl.constexpr, RIGHT_LIMIT: tl.constexpr, SOFTCAP: tl.constexpr,
@@ -207,7 +218,7 @@ def _dq_tiles(dQ_i, Q_i, dO_i, L_i, D_i, K_h, V_h, stride_kn, stride_kd, stride_
         dP_ij = dot(dO_i, VT_j, None, UPCAST, DOT_PRECISION)
         if DROPOUT:
             # the gradient passes where the entry was kept, scaled as the entry was
-            keep = dropout_keep(seed, philox_offset, bh, offs_m[:, None], offs_n[None, :], Nq, Nk, dropout_p)
+            keep = dropout_keep(seed, philox_offset, bh, offs_m[:, None], offs_n[None, :], Nq_max, Nk_max, dropout_p)
             dP_ij = tl.where(keep, dP_ij * (1.0 / (1.0 - dropout_p)), 0.0)
         # dS_ij = P_ij ∘ (dP_ij − D_i)
         dS_ij = P_ij * (dP_ij - D_i[:, None])
@@ -226,26 +237,36 @@ def _dq_kernel(Q, K, V, dO, dQ, L, Delta,
         stride_vb, stride_vh, stride_vn, stride_vd,
         stride_dob, stride_doh, stride_dom, stride_dod,
         stride_dqb, stride_dqh, stride_dqm, stride_dqd,
-        H, Hkv, Nq, Nk,
+        stride_lb, stride_lh,
+        H, Hkv, Nq_max, Nk_max, CU_SEQLENS_Q, CU_SEQLENS_K, SEQUSED_K, LEFTPAD_K,
         SLOPES, stride_slope_b, stride_slope_h, RNG, scale, left, right, softcap_scale, softcap_log2, dropout_p,
         N_BUCKET,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
         LEFT_LIMIT: tl.constexpr, RIGHT_LIMIT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
         DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """dQ_i (B_r, d) of one query block i of one head. Grid: (cdiv(Nq, B_r), B · H)."""
+    """dQ_i (B_r, d) of one query block i of one head of one sequence. Grid: (cdiv(Nq_max, B_r), B · H)."""
     # causal: the last query blocks see the most keys, so they are started first
     start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
     b, h = (tl.program_id(1) // H).to(tl.int64), (tl.program_id(1) % H).to(tl.int64)
-    # this program's head: key/value head h // (H / Hkv); the queries are the last Nq positions
+    # this program's sequence: query rows q_start .. q_start + Nq − 1 and key rows k_start .. k_start + Nk − 1
+    # (sequences.py); key/value head h // (H / Hkv); the queries are the last Nq positions
+    q_start, Nq, k_start, Nk = sequence_rows(b, CU_SEQLENS_Q, CU_SEQLENS_K, SEQUSED_K, LEFTPAD_K, None, Nq_max, Nk_max)
+    if start_m >= Nq:  # past the end of a sequence shorter than the longest
+        return
     hkv = h // (H // Hkv)
     offset = Nk - Nq
+    q_start = tl.cast(q_start, tl.int64)
+    k_start = tl.cast(k_start, tl.int64)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    Q_i = load_tile(Q + b * stride_qb + h * stride_qh, offs_m, offs_d, stride_qm, stride_qd, Nq, HEAD_DIM)
-    dO_i = load_tile(dO + b * stride_dob + h * stride_doh, offs_m, offs_d, stride_dom, stride_dod, Nq, HEAD_DIM)
-    L_i, D_i = _row_stats(L + (b * H + h) * Nq, Delta + (b * H + h) * Nq, offs_m, Nq)
-    K_h = K + b * stride_kb + hkv * stride_kh
-    V_h = V + b * stride_vb + hkv * stride_vh
+    Q_i = load_tile(Q + b * stride_qb + h * stride_qh + q_start * stride_qm, offs_m, offs_d, stride_qm, stride_qd,
+                    Nq, HEAD_DIM)
+    dO_i = load_tile(dO + b * stride_dob + h * stride_doh + q_start * stride_dom, offs_m, offs_d, stride_dom,
+                     stride_dod, Nq, HEAD_DIM)
+    rows = b * stride_lb + h * stride_lh + q_start
+    L_i, D_i = _row_stats(L + rows, Delta + rows, offs_m, Nq)
+    K_h = K + b * stride_kb + hkv * stride_kh + k_start * stride_kn
+    V_h = V + b * stride_vb + hkv * stride_vh + k_start * stride_vn
     qk_scale, slope_log2, seed, philox_offset = score_constants(SLOPES, stride_slope_b, stride_slope_h, RNG, b, h,
                                                                 scale, ALIBI, DROPOUT)
     # key blocks [mid_lo, mid_hi) are seen whole by every row of the block; [lo, mid_lo) and [mid_hi, hi)
@@ -254,23 +275,23 @@ def _dq_kernel(Q, K, V, dO, dQ, L, Delta,
     dQ_i = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     if LEFT_LIMIT:
         dQ_i = _dq_tiles(dQ_i, Q_i, dO_i, L_i, D_i, K_h, V_h, stride_kn, stride_kd, stride_vn, stride_vd,
-                         start_m, lo, mid_lo, b * H + h, Nq, Nk, offset,
+                         start_m, lo, mid_lo, b * H + h, Nk, offset, Nq_max, Nk_max,
                          qk_scale, left, right, softcap_scale, softcap_log2, slope_log2, dropout_p, seed, philox_offset,
                          HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N,
                          True, LEFT_LIMIT, RIGHT_LIMIT, SOFTCAP, ALIBI, DROPOUT, UPCAST, DOT_PRECISION)
     dQ_i = _dq_tiles(dQ_i, Q_i, dO_i, L_i, D_i, K_h, V_h, stride_kn, stride_kd, stride_vn, stride_vd,
-                     start_m, mid_lo, mid_hi, b * H + h, Nq, Nk, offset,
+                     start_m, mid_lo, mid_hi, b * H + h, Nk, offset, Nq_max, Nk_max,
                      qk_scale, left, right, softcap_scale, softcap_log2, slope_log2, dropout_p, seed, philox_offset,
                      HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N,
                      False, LEFT_LIMIT, RIGHT_LIMIT, SOFTCAP, ALIBI, DROPOUT, UPCAST, DOT_PRECISION)
     dQ_i = _dq_tiles(dQ_i, Q_i, dO_i, L_i, D_i, K_h, V_h, stride_kn, stride_kd, stride_vn, stride_vd,
-                     start_m, mid_hi, hi, b * H + h, Nq, Nk, offset,
+                     start_m, mid_hi, hi, b * H + h, Nk, offset, Nq_max, Nk_max,
                      qk_scale, left, right, softcap_scale, softcap_log2, slope_log2, dropout_p, seed, philox_offset,
                      HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N,
                      True, LEFT_LIMIT, RIGHT_LIMIT, SOFTCAP, ALIBI, DROPOUT, UPCAST, DOT_PRECISION)
     # dQ_i = scale · Σ_j dS_ij K_j
     dQ_i *= scale
-    store_tile(dQ + b * stride_dqb + h * stride_dqh, to_dtype(dQ_i, dQ.dtype.element_ty),
+    store_tile(dQ + b * stride_dqb + h * stride_dqh + q_start * stride_dqm, to_dtype(dQ_i, dQ.dtype.element_ty),
                offs_m, offs_d, stride_dqm, stride_dqd, Nq, HEAD_DIM)
 
 
@@ -282,7 +303,7 @@ _dq = autotuned("dq", _dq_kernel)
 def attention_backward(q, k, v, o, lse, do, *, causal: bool, scale: float, window_size=(-1, -1),
                        softcap: float = 0.0, alibi_slopes: Optional[torch.Tensor] = None, dropout_p: float = 0.0,
                        rng_state: Optional[torch.Tensor] = None, dkdv_config: Optional[KernelConfig] = None,
-                       dq_config: Optional[KernelConfig] = None):
+                       dq_config: Optional[KernelConfig] = None, sequences: Sequences = DENSE):
     """Gradients (dq, dk, dv) of O = softmax(scale · Q Kᵀ) V, from the forward's O and logsumexp L.
 
     q, o, do: (B, H, Nq, d); k, v: (B, Hkv, Nk, d) with H % Hkv == 0; lse: (B, H, Nq), the
@@ -290,31 +311,42 @@ def attention_backward(q, k, v, o, lse, do, *, causal: bool, scale: float, windo
     bottom-right aligned. Any strides. The score options must be those of the forward call (the
     same ``rng_state`` regenerates its dropout mask). Returns dq like q and dk, dv like k, v
     (contiguous, input dtype; dk, dv summed over the H / Hkv query heads of each key/value head).
+    ``sequences``: the forward's packed layout (``attention_forward``; rows of no sequence get zero
+    gradients); a paged cache has no backward.
     ``dkdv_config`` / ``dq_config`` (or FLASHCOURSE_CONFIG_DKDV / _DQ) pin the launch configurations.
     """
-    B, H, Hkv, Nq, Nk, d = check_attention_inputs(q, k, v)
+    if sequences.paged:
+        raise NotImplementedError("a paged KV cache (block_table) has no backward pass, as in flash-attn: "
+                                  "call it under torch.no_grad(), or pass contiguous k, v to train")
+    Bt, H, Hkv, Nt, _, d = check_attention_inputs(q, k, v)
     check_like("o", o, q, "q")
     check_like("do", do, q, "q")
-    if tuple(lse.shape) != (B, H, Nq):
-        raise ValueError(f"lse must have shape (B, H, Nq) = {(B, H, Nq)}, got {tuple(lse.shape)}")
+    if tuple(lse.shape) != (Bt, H, Nt):
+        raise ValueError(f"lse must have shape (B, H, Nq) = {(Bt, H, Nt)}, got {tuple(lse.shape)}")
     check_kernel_device(q=q, k=k, v=v, o=o, lse=lse, do=do)
+    B, Nq, Nk = sequence_shape(q, k, sequences)
+    packed_q, packed_k = sequences.cu_seqlens_q is not None, sequences.cu_seqlens_k is not None
     lse = lse.to(torch.float32).contiguous()
     BLOCK_D = max(16, triton.next_power_of_2(d))
-    delta = torch.empty((B, H, Nq), dtype=torch.float32, device=q.device)
-    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
-    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    delta = torch.empty((Bt, H, Nt), dtype=torch.float32, device=q.device)
+    # packed rows that belong to no sequence get no gradient
+    dq = (torch.zeros if packed_q else torch.empty)(q.shape, dtype=q.dtype, device=q.device)
+    dk = (torch.zeros if packed_k else torch.empty)(k.shape, dtype=k.dtype, device=k.device)
+    dv = (torch.zeros if packed_k else torch.empty)(v.shape, dtype=v.dtype, device=v.device)
 
-    launch("preprocess", _preprocess, None, lambda bm, bn: (triton.cdiv(Nq, bm), B * H),
-           (o, do, delta, *o.stride(), *do.stride(), H, Nq), dict(HEAD_DIM=d, BLOCK_D=BLOCK_D),
+    # D_i = rowsum(dO_i ∘ O_i) needs no sequence: every row of the (packed) batch at once
+    launch("preprocess", _preprocess, None, lambda bm, bn: (triton.cdiv(Nt, bm), Bt * H),
+           (o, do, delta, *o.stride(), *do.stride(), H, Nt), dict(HEAD_DIM=d, BLOCK_D=BLOCK_D),
            KernelConfig(PREPROCESS_BLOCK_M, 1))
     options, flags = score_args(q, Nq, Nk, scale=scale, causal=causal, window_size=window_size, softcap=softcap,
                                 alibi_slopes=alibi_slopes, dropout_p=dropout_p, rng_state=rng_state)
-    inputs = (*q.stride(), *k.stride(), *v.stride(), *do.stride())
-    tail = (H, Hkv, Nq, Nk, *options, length_bucket(max(Nq, Nk)))
+    inputs = (*batch_strides(q, packed_q), *batch_strides(k, packed_k), *batch_strides(v, packed_k),
+              *batch_strides(do, packed_q))
+    tail = (*batch_strides(lse, packed_q)[:2], H, Hkv, Nq, Nk, *sequence_args(sequences, k)[:4], *options,
+            length_bucket(max(Nq, Nk)))
     meta = dict(HEAD_DIM=d, BLOCK_D=BLOCK_D, **dot_args(q.dtype), **flags)
     launch("dkdv", _dkdv_kernel, _dkdv, lambda bm, bn: (triton.cdiv(Nk, bn), B * Hkv),
-           (q, k, v, do, dk, dv, lse, delta, *inputs, *dk.stride(), *tail), meta, dkdv_config)
+           (q, k, v, do, dk, dv, lse, delta, *inputs, *batch_strides(dk, packed_k), *tail), meta, dkdv_config)
     launch("dq", _dq_kernel, _dq, lambda bm, bn: (triton.cdiv(Nq, bm), B * H),
-           (q, k, v, do, dq, lse, delta, *inputs, *dq.stride(), *tail), meta, dq_config)
+           (q, k, v, do, dq, lse, delta, *inputs, *batch_strides(dq, packed_q), *tail), meta, dq_config)
     return dq, dk, dv

@@ -1,5 +1,5 @@
-"""Launch configurations of the three attention kernels (forward, dK/dV, dQ): one table, one
-resource model, one launch function.
+"""Launch configurations of the three attention kernels (forward, dK/dV, dQ; the forward kernel also
+as "decode", with candidates for a few query rows): one table, one resource model, one launch function.
 
 A configuration is (B_r, B_c, warps, pipeline stages, descriptor loads): ``KernelConfig``.
 - In the CPU interpreter each kernel runs one small fixed configuration (``INTERPRET_CONFIGS``), so
@@ -10,7 +10,7 @@ A configuration is (B_r, B_c, warps, pipeline stages, descriptor loads): ``Kerne
   benchmarks/NOTES_forward.md and benchmarks/NOTES_backward.md (H100).
 - A configuration can be pinned, the same one on every run and no autotuning: the ``config``
   arguments of ``attention_forward`` / ``attention_backward``, or the environment variables
-  FLASHCOURSE_CONFIG_FORWARD, FLASHCOURSE_CONFIG_DKDV, FLASHCOURSE_CONFIG_DQ, e.g. "128,64,4,2,tma"
+  FLASHCOURSE_CONFIG_FORWARD, _DECODE, _DKDV, _DQ, e.g. "128,64,4,2,tma"
   (B_r, B_c, warps, stages, and "tma" for descriptor loads of K_j, V_j in the forward kernel).
 """
 
@@ -37,17 +37,21 @@ class KernelConfig(NamedTuple):
     use_tma: Optional[bool] = None
 
 
-KERNELS = ("forward", "dkdv", "dq")
+# "decode" is the forward kernel launched with candidates for a few query rows (B_r = 16)
+KERNELS = ("forward", "decode", "dkdv", "dq")
 
 # Interpreter blocks: B_r != B_c on purpose, so that the CPU tests cross the causal diagonal with
 # several blocks per tile, as the GPU configurations do.
 INTERPRET_CONFIGS = {
     "forward": KernelConfig(32, 16),
+    "decode": KernelConfig(16, 16),
     "dkdv": KernelConfig(16, 32),
     "dq": KernelConfig(32, 16),
 }
 # rows per program of the backward's preprocessing kernel (D_i = rowsum(dO_i ∘ O_i)), not tuned
 PREPROCESS_BLOCK_M = 32 if INTERPRET else 64
+# rows per program of the split-KV merge (splitkv.py), not tuned
+MERGE_BLOCK_M = 16
 
 # The autotuner's candidates, (B_r, B_c, warps, stages), per kernel and per (head dim padded to 64,
 # 128 or 256; bytes per element). Forward: B_r = 128 rows fill the 4-warp groups of Hopper's wgmma;
@@ -64,6 +68,17 @@ CANDIDATES = {
         (64, 4): [(128, 64, 8, 3), (64, 64, 4, 3)],
         (128, 4): [(64, 64, 4, 2), (128, 32, 8, 3)],
         (256, 4): [(64, 32, 4, 2), (32, 32, 4, 2)],
+    },
+    # decoding (Nq <= 16 rows, e.g. one token, or the H / Hkv query heads of a group as rows): B_r = 16,
+    # the smallest tile ``tl.dot`` takes, and long key blocks; memory-bound, so few warps and deep
+    # pipelines. Each is also tried with descriptor loads, which Triton pipelines (num_stages buffers)
+    "decode": {
+        (64, 2): [(16, 64, 4, 3), (16, 128, 4, 3), (16, 256, 8, 2)],
+        (128, 2): [(16, 64, 4, 3), (16, 128, 4, 3), (16, 128, 8, 2)],
+        (256, 2): [(16, 32, 4, 3), (16, 64, 4, 2)],
+        (64, 4): [(16, 64, 4, 3), (16, 128, 4, 2)],
+        (128, 4): [(16, 64, 4, 2), (16, 32, 4, 3)],
+        (256, 4): [(16, 32, 4, 2)],
     },
     "dkdv": {
         (64, 2): [(32, 128, 4, 4), (64, 128, 8, 3), (32, 64, 4, 3)],
@@ -102,7 +117,7 @@ def _kernel_config(config) -> KernelConfig:
 
 def _rows(kernel: str, c: KernelConfig) -> tuple[int, int, int]:
     """(resident, streamed per stage, accumulator) rows of one program."""
-    if kernel == "forward":
+    if kernel in ("forward", "decode"):
         return c.block_m, 2 * c.block_n, c.block_m
     if kernel == "dkdv":
         return 2 * c.block_n, 2 * c.block_m, 2 * c.block_n
@@ -142,16 +157,16 @@ def length_bucket(n: int) -> int:
 def _triton_config(kernel: str, c: KernelConfig) -> triton.Config:
     """The compile-time arguments and launch options of a configuration, as Triton takes them."""
     meta = {"BLOCK_M": c.block_m}
-    if kernel != "preprocess":  # the preprocessing kernel has no key blocks
+    if kernel not in ("preprocess", "merge"):  # the backward's preprocessing and split-KV's merge: no key blocks
         meta["BLOCK_N"] = c.block_n
-    if kernel == "forward":
+    if kernel in ("forward", "decode"):
         meta["USE_TMA"] = bool(c.use_tma)
     return triton.Config(meta, num_warps=c.num_warps, num_stages=c.num_stages)
 
 
 def _candidates(kernel: str) -> list[KernelConfig]:
     shapes = sorted({s for listed in CANDIDATES[kernel].values() for s in listed})
-    loads = (True, False) if kernel == "forward" else (False,)
+    loads = (True, False) if kernel in ("forward", "decode") else (False,)
     return [KernelConfig(*s, use_tma=tma) for s in shapes for tma in loads]
 
 

@@ -27,6 +27,9 @@ from .._env import INTERPRET
 from .common import check_kernel_device, dot, dot_args, load_tile, store_tile, to_dtype
 from .configs import INTERPRET_CONFIGS, KernelConfig, autotuned, launch, length_bucket, pinned, tma_compatible
 from .scores import dropout_keep, key_range, score_args, score_constants, scores
+from .sequences import (DENSE, Sequences, batch_strides, kv_head, paged_offsets, sequence_args, sequence_rows,
+                        sequence_shape)
+from .splitkv import merge_splits, split_range
 
 LN_2: tl.constexpr = tl.constexpr(0.6931471805599453)  # ln 2 = 1 / log2(e)
 MAX_HEAD_DIM = 256
@@ -36,19 +39,24 @@ PROBS_PADDING = 128
 
 @triton.jit
 def _load_kv_tile(
-    src, start_n, cols, stride_row, stride_col, Nk,
+    src, pages, start_n, cols, stride_row, stride_col, stride_page, k_start, page_size, Nk,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASK_ROWS: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     """The (B_c, BLOCK_D) tile K_j or V_j starting at key start_n, zero past Nk and past HEAD_DIM.
 
     ``src`` is a tensor descriptor (USE_TMA: Hopper's copy engine fetches the tile and fills what lies
     outside the (Nk, HEAD_DIM) matrix with zeros) or the head's base pointer (masked only where needed).
+    ``pages``: the sequence's row of a paged cache's block table (``sequences.paged_offsets``), or None.
     """
     if USE_TMA:
         return src.load([start_n, 0])
     else:
         rows = start_n + tl.arange(0, BLOCK_N)
-        if MASK_ROWS or HEAD_DIM != cols.shape[0]:
+        if pages is not None:
+            offs = paged_offsets(pages, rows, k_start, Nk, page_size, stride_page, stride_row)
+            mask = (rows[:, None] < Nk) & (cols[None, :] < HEAD_DIM)
+            return tl.load(src + offs[:, None] + cols[None, :] * stride_col, mask=mask, other=0.0)
+        elif MASK_ROWS or HEAD_DIM != cols.shape[0]:
             return load_tile(src, rows, cols, stride_row, stride_col, Nk, HEAD_DIM)
         else:
             return tl.load(src + rows[:, None] * stride_row + cols[None, :] * stride_col)
@@ -57,8 +65,8 @@ def _load_kv_tile(
 @triton.jit
 def _attn_fwd_inner(
     acc, l_i, m_i, q,
-    K_src, V_src, stride_kn, stride_kd, stride_vn, stride_vd,
-    offs_m, offs_d, start, end, bh, Nq, Nk, offset,
+    K_src, V_src, pages, stride_kn, stride_kd, stride_vn, stride_vd, stride_kb, stride_vb, k_start, page_size,
+    offs_m, offs_d, start, end, bh, Nk, offset, Nq_max, Nk_max,
     qk_scale, left, right, softcap_scale, softcap_log2, slope_log2, dropout_p, seed, philox_offset,
     MASKED: tl.constexpr, LEFT_LIMIT: tl.constexpr, RIGHT_LIMIT: tl.constexpr, SOFTCAP: tl.constexpr,
     ALIBI: tl.constexpr, DROPOUT: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -72,7 +80,8 @@ def _attn_fwd_inner(
     for start_n in range(start, end, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        K_j = _load_kv_tile(K_src, start_n, offs_d, stride_kn, stride_kd, Nk, HEAD_DIM, BLOCK_N, MASKED, USE_TMA)
+        K_j = _load_kv_tile(K_src, pages, start_n, offs_d, stride_kn, stride_kd, stride_kb, k_start, page_size, Nk,
+                            HEAD_DIM, BLOCK_N, MASKED, USE_TMA)
         # S_ij = Q_i K_jᵀ                                        (B_r, B_c), float32
         s = dot(q, tl.trans(K_j), None, UPCAST, DOT_PRECISION)
         # the scores in base 2 are c · x: scale, soft-cap, ALiBi, window (−inf where hidden)
@@ -93,9 +102,10 @@ def _attn_fwd_inner(
         l_i = l_i * alpha + tl.sum(p, 1)
         if DROPOUT:
             # P̃_ij ∘ Z_ij: the dropped entries leave the product with V (1 / (1 − p) comes at the end)
-            p = tl.where(dropout_keep(seed, philox_offset, bh, offs_m[:, None], offs_n[None, :], Nq, Nk, dropout_p),
-                         p, 0.0)
-        V_j = _load_kv_tile(V_src, start_n, offs_d, stride_vn, stride_vd, Nk, HEAD_DIM, BLOCK_N, MASKED, USE_TMA)
+            keep = dropout_keep(seed, philox_offset, bh, offs_m[:, None], offs_n[None, :], Nq_max, Nk_max, dropout_p)
+            p = tl.where(keep, p, 0.0)
+        V_j = _load_kv_tile(V_src, pages, start_n, offs_d, stride_vn, stride_vd, stride_vb, k_start, page_size, Nk,
+                            HEAD_DIM, BLOCK_N, MASKED, USE_TMA)
         # acc_i = α acc_i + P̃_ij V_j             (P̃_ij rounded to V's dtype; still unnormalised)
         acc = dot(p, V_j, acc * alpha[:, None], UPCAST, DOT_PRECISION)
         m_i = m_new
@@ -104,8 +114,8 @@ def _attn_fwd_inner(
 
 @triton.jit
 def _store_probs(
-    P_head, stride_pm, stride_pn, q, K_head, stride_kn, stride_kd, m_i,
-    offs_m, offs_d, start, end, bh, Nq, Nk, offset,
+    P_head, stride_pm, stride_pn, q, K_head, pages, stride_kn, stride_kd, stride_kb, k_start, page_size, m_i,
+    offs_m, offs_d, start, end, bh, Nq, Nk, offset, Nq_max, Nk_max,
     qk_scale, left, right, softcap_scale, softcap_log2, slope_log2, dropout_p, seed, philox_offset,
     LEFT_LIMIT: tl.constexpr, RIGHT_LIMIT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
     DROPOUT: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -116,15 +126,16 @@ def _store_probs(
     m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
     for start_n in range(start, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        K_j = load_tile(K_head, offs_n, offs_d, stride_kn, stride_kd, Nk, HEAD_DIM)
+        K_j = _load_kv_tile(K_head, pages, start_n, offs_d, stride_kn, stride_kd, stride_kb, k_start, page_size, Nk,
+                            HEAD_DIM, BLOCK_N, True, False)
         s = dot(q, tl.trans(K_j), None, UPCAST, DOT_PRECISION)
         x, c, _ = scores(s, offs_m[:, None], offs_n[None, :], Nk, offset, qk_scale, left, right,
                          softcap_scale, softcap_log2, slope_log2, True, LEFT_LIMIT, RIGHT_LIMIT, SOFTCAP, ALIBI)
         # P̃_ij = 2^(x · c − m_i)
         p = tl.math.exp2(x * c - m_safe[:, None])
         if DROPOUT:
-            p = tl.where(dropout_keep(seed, philox_offset, bh, offs_m[:, None], offs_n[None, :], Nq, Nk, dropout_p),
-                         p, -p)
+            keep = dropout_keep(seed, philox_offset, bh, offs_m[:, None], offs_n[None, :], Nq_max, Nk_max, dropout_p)
+            p = tl.where(keep, p, -p)
         store_tile(P_head, to_dtype(p, P_head.dtype.element_ty), offs_m, offs_n, stride_pm, stride_pn, Nq, Nk)
 
 
@@ -135,8 +146,10 @@ def _attn_fwd_kernel(
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_om, stride_od,
+    stride_lb, stride_lh, stride_os, stride_ls,
     stride_pb, stride_ph, stride_pm, stride_pn,
-    H, GROUP, Nq, Nk,
+    H, GROUP, Nq_max, Nk_max,
+    CU_SEQLENS_Q, CU_SEQLENS_K, SEQUSED_K, LEFTPAD_K, BLOCK_TABLE, stride_table, page_size,
     SLOPES, stride_slope_b, stride_slope_h, RNG, scale, left, right, softcap_scale, softcap_log2, dropout_p,
     N_BUCKET, TMA_MODE,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -144,11 +157,15 @@ def _attn_fwd_kernel(
     DROPOUT: tl.constexpr, RETURN_PROBS: tl.constexpr,
     USE_TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """O_i, L_i for one block of B_r = BLOCK_M query rows of one (batch, head). L is contiguous (B, H, Nq).
+    """O_i, L_i for one block of B_r = BLOCK_M query rows of one (sequence, head), over one split of its keys.
 
-    The score options (SLOPES .. dropout_p) are described in ``scores.score_args``. P receives the
-    unnormalised probabilities when RETURN_PROBS. N_BUCKET and TMA_MODE are read only by the
-    autotuner (its key); USE_TMA loads K_j, V_j through tensor descriptors.
+    The grid is (⌈Nq_max / B_r⌉, B · H, splits). Which rows a sequence owns is described in
+    ``sequences.py`` (CU_SEQLENS_Q .. page_size: None for a dense batch); the score options
+    (SLOPES .. dropout_p) in ``scores.score_args``. L has rows of stride 1 (strides stride_lb,
+    stride_lh). With several splits, program (·, ·, s) writes its partial O_i, L_i at O + s · stride_os,
+    L + s · stride_ls (``splitkv.py`` merges them). P receives the unnormalised probabilities when
+    RETURN_PROBS. N_BUCKET and TMA_MODE are read only by the autotuner (its key); USE_TMA loads K_j,
+    V_j through tensor descriptors.
     """
     pid_m = tl.program_id(0)
     if RIGHT_LIMIT:
@@ -157,16 +174,28 @@ def _attn_fwd_kernel(
     pid_bh = tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
-    # this program's head: grouped-query attention reads key/value head h // (H / Hkv); its Nq query
-    # rows and Nk key rows (the queries are the last Nq positions: offset = Nk − Nq)
+    # this program's sequence: query rows q_start .. q_start + Nq − 1 and key rows k_start ..
+    # k_start + Nk − 1 (sequences.py); grouped-query attention reads key/value head h // (H / Hkv);
+    # the queries are the last Nq positions: offset = Nk − Nq
+    q_start, Nq, k_start, Nk = sequence_rows(b, CU_SEQLENS_Q, CU_SEQLENS_K, SEQUSED_K, LEFTPAD_K, BLOCK_TABLE,
+                                             Nq_max, Nk_max)
+    start_m = pid_m * BLOCK_M
+    if start_m >= Nq:  # past the end of a sequence shorter than the longest
+        return
     h_kv = h // GROUP
-    Q_head = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-    K_head = K + b.to(tl.int64) * stride_kb + h_kv.to(tl.int64) * stride_kh
-    V_head = V + b.to(tl.int64) * stride_vb + h_kv.to(tl.int64) * stride_vh
-    O_head = O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+    Q_head = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh + tl.cast(q_start, tl.int64) * stride_qm
+    K_head = kv_head(K, b, h_kv, k_start, stride_kb, stride_kh, stride_kn, BLOCK_TABLE)
+    V_head = kv_head(V, b, h_kv, k_start, stride_vb, stride_vh, stride_vn, BLOCK_TABLE)
+    if BLOCK_TABLE is not None:  # a paged cache: the sequence's row of the block table
+        pages = BLOCK_TABLE + b.to(tl.int64) * stride_table
+    else:
+        pages = BLOCK_TABLE
+    split = tl.program_id(2)
+    O_head = (O + split.to(tl.int64) * stride_os + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+              + tl.cast(q_start, tl.int64) * stride_om)
+    L_head = L + split.to(tl.int64) * stride_ls + b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh + q_start
     offset = Nk - Nq
 
-    start_m = pid_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
     # the head dim is padded to BLOCK_D, a power of two; columns >= HEAD_DIM are masked to zero
     offs_d = tl.arange(0, BLOCK_D)
@@ -174,8 +203,8 @@ def _attn_fwd_kernel(
 
     if USE_TMA:
         # K and V of this head as (Nk, d) matrices for the copy engine (row stride 16-byte aligned, d stride 1)
-        K_src = tl.make_tensor_descriptor(K_head, [Nk, HEAD_DIM], [stride_kn, 1], [BLOCK_N, BLOCK_D])
-        V_src = tl.make_tensor_descriptor(V_head, [Nk, HEAD_DIM], [stride_vn, 1], [BLOCK_N, BLOCK_D])
+        K_src = tl.make_tensor_descriptor(K_head, [tl.maximum(Nk, 1), HEAD_DIM], [stride_kn, 1], [BLOCK_N, BLOCK_D])
+        V_src = tl.make_tensor_descriptor(V_head, [tl.maximum(Nk, 1), HEAD_DIM], [stride_vn, 1], [BLOCK_N, BLOCK_D])
     else:
         K_src = K_head
         V_src = V_head
@@ -192,24 +221,26 @@ def _attn_fwd_kernel(
     # are never visited; [lo, mid_lo) cross the window's left edge, [mid_hi, hi) its right edge (the
     # causal diagonal) or the ragged end of the keys
     lo, mid_lo, mid_hi, hi = key_range(start_m, Nk, offset, left, right, BLOCK_M, BLOCK_N, LEFT_LIMIT, RIGHT_LIMIT)
+    # split-KV: this program visits only its share of [lo, hi) (all of it when there is one split)
+    lo, mid_lo, mid_hi, hi = split_range(lo, mid_lo, mid_hi, hi, split, tl.num_programs(2), BLOCK_N)
     if LEFT_LIMIT:
         acc, l_i, m_i = _attn_fwd_inner(
-            acc, l_i, m_i, q, K_src, V_src, stride_kn, stride_kd, stride_vn, stride_vd,
-            offs_m, offs_d, lo, mid_lo, pid_bh, Nq, Nk, offset,
+            acc, l_i, m_i, q, K_src, V_src, pages, stride_kn, stride_kd, stride_vn, stride_vd, stride_kb, stride_vb,
+            k_start, page_size, offs_m, offs_d, lo, mid_lo, pid_bh, Nk, offset, Nq_max, Nk_max,
             qk_scale, left, right, softcap_scale, softcap_log2, slope_log2, dropout_p, seed, philox_offset,
             True, LEFT_LIMIT, RIGHT_LIMIT, SOFTCAP, ALIBI, DROPOUT,
             HEAD_DIM, BLOCK_M, BLOCK_N, UPCAST, DOT_PRECISION, USE_TMA,
         )
     acc, l_i, m_i = _attn_fwd_inner(
-        acc, l_i, m_i, q, K_src, V_src, stride_kn, stride_kd, stride_vn, stride_vd,
-        offs_m, offs_d, mid_lo, mid_hi, pid_bh, Nq, Nk, offset,
+        acc, l_i, m_i, q, K_src, V_src, pages, stride_kn, stride_kd, stride_vn, stride_vd, stride_kb, stride_vb,
+        k_start, page_size, offs_m, offs_d, mid_lo, mid_hi, pid_bh, Nk, offset, Nq_max, Nk_max,
         qk_scale, left, right, softcap_scale, softcap_log2, slope_log2, dropout_p, seed, philox_offset,
         False, LEFT_LIMIT, RIGHT_LIMIT, SOFTCAP, ALIBI, DROPOUT,
         HEAD_DIM, BLOCK_M, BLOCK_N, UPCAST, DOT_PRECISION, USE_TMA,
     )
     acc, l_i, m_i = _attn_fwd_inner(
-        acc, l_i, m_i, q, K_src, V_src, stride_kn, stride_kd, stride_vn, stride_vd,
-        offs_m, offs_d, mid_hi, hi, pid_bh, Nq, Nk, offset,
+        acc, l_i, m_i, q, K_src, V_src, pages, stride_kn, stride_kd, stride_vn, stride_vd, stride_kb, stride_vb,
+        k_start, page_size, offs_m, offs_d, mid_hi, hi, pid_bh, Nk, offset, Nq_max, Nk_max,
         qk_scale, left, right, softcap_scale, softcap_log2, slope_log2, dropout_p, seed, philox_offset,
         True, LEFT_LIMIT, RIGHT_LIMIT, SOFTCAP, ALIBI, DROPOUT,
         HEAD_DIM, BLOCK_M, BLOCK_N, UPCAST, DOT_PRECISION, USE_TMA,
@@ -225,19 +256,21 @@ def _attn_fwd_kernel(
     store_tile(O_head, to_dtype(o, O.dtype.element_ty), offs_m, offs_d, stride_om, stride_od, Nq, HEAD_DIM)
     # L_i = ln 2 · (m_i + log2 l_i), natural log again; −inf for a row that saw no key (m_i = −inf)
     lse = (m_i + tl.math.log2(l_safe)) * LN_2
-    tl.store(L + pid_bh.to(tl.int64) * Nq + offs_m, lse, mask=offs_m < Nq)
+    tl.store(L_head + offs_m, lse, mask=offs_m < Nq)
 
     if RETURN_PROBS:
         P_head = P + b.to(tl.int64) * stride_pb + h.to(tl.int64) * stride_ph
         _store_probs(
-            P_head, stride_pm, stride_pn, q, K_head, stride_kn, stride_kd, m_i,
-            offs_m, offs_d, lo, hi, pid_bh, Nq, Nk, offset,
+            P_head, stride_pm, stride_pn, q, K_head, pages, stride_kn, stride_kd, stride_kb, k_start, page_size, m_i,
+            offs_m, offs_d, lo, hi, pid_bh, Nq, Nk, offset, Nq_max, Nk_max,
             qk_scale, left, right, softcap_scale, softcap_log2, slope_log2, dropout_p, seed, philox_offset,
             LEFT_LIMIT, RIGHT_LIMIT, SOFTCAP, ALIBI, DROPOUT, HEAD_DIM, BLOCK_M, BLOCK_N, UPCAST, DOT_PRECISION,
         )
 
 
 _attn_fwd_tuned = autotuned("forward", _attn_fwd_kernel, extra_key=["TMA_MODE", "RETURN_PROBS"])
+# the same kernel for a few query rows (decoding), with its own candidates (configs.CANDIDATES["decode"])
+_attn_fwd_decode_tuned = autotuned("decode", _attn_fwd_kernel, extra_key=["TMA_MODE", "RETURN_PROBS"])
 
 
 def _descriptor_scratch(size: int, alignment: int, stream):
@@ -263,6 +296,9 @@ def attention_forward(
     return_probs: bool = False,
     use_tma: Optional[bool] = None,
     config: Optional[KernelConfig] = None,
+    sequences: Sequences = DENSE,
+    num_splits: int = 1,
+    decode: bool = False,
 ):
     """Launch the forward kernel. q (B, H, Nq, d), k, v (B, Hkv, Nk, d), any strides -> (O, L).
 
@@ -276,31 +312,54 @@ def attention_forward(
     returns P̃ (B, H, Nq', Nk') in q's dtype, Nq and Nk rounded up to multiples of 128: exp(s_ij − m_i)
     with m_i the row maximum, negated where dropped, 0 where hidden and in the padding.
 
+    ``sequences`` (``sequences.Sequences``): where each sequence's rows are. Packed queries
+    (``cu_seqlens_q``): q is (1, H, total_q, d), O too, L (1, H, total_q) (rows of no sequence: O = 0,
+    L = −inf); B, the ALiBi slopes' B and P̃'s are then the number of sequences, and Nq its
+    ``max_seqlen_q`` (the same for the keys). Paged keys: k, v are (pages, Hkv, page_size, d).
+    ``num_splits`` > 1 (dense queries, no dropout or P̃): each query block's keys are split among that
+    many programs, whose partial (O, L) ``splitkv.merge_splits`` merges (split-KV decoding).
+
     Launch: ``use_tma`` None loads K_j, V_j through tensor descriptors where the layout allows (the
     autotuner also tries pointers), False never, True always. ``config`` (or FLASHCOURSE_CONFIG_FORWARD)
     pins the configuration; ``block_m``/``block_n`` fix B_r and B_c with the default warps and stages.
+    ``decode``: launch with the decoding configurations (few query rows: B_r = 16; FLASHCOURSE_CONFIG_DECODE).
     """
     check_kernel_device(q=q, k=k, v=v)
-    B, H, Nq, d = q.shape
-    Hkv, Nk = k.shape[1], k.shape[2]
+    H, d = q.shape[1], q.shape[3]
+    Hkv = k.shape[1]
+    B, Nq, Nk = sequence_shape(q, k, sequences)
+    packed_q = sequences.cu_seqlens_q is not None
     if d > MAX_HEAD_DIM:
         raise ValueError(f"head dim d = {d} is not supported by the Triton kernels (at most {MAX_HEAD_DIM})")
-    o = torch.empty((B, H, Nq, d), dtype=q.dtype, device=q.device) if out is None else out
-    lse = torch.empty((B, H, Nq), dtype=torch.float32, device=q.device)
+    if num_splits > 1 and (packed_q or dropout_p > 0 or return_probs):
+        raise ValueError("num_splits > 1 takes dense queries, without dropout or returned probabilities")
+    # packed queries: rows of no sequence keep O = 0 and L = −inf
+    if out is None:
+        o = (torch.zeros if packed_q else torch.empty)(q.shape, dtype=q.dtype, device=q.device)
+    else:
+        o = out
+    lse = (torch.full(q.shape[:3], float("-inf"), device=q.device) if packed_q
+           else torch.empty(q.shape[:3], dtype=torch.float32, device=q.device))
     if return_probs:
         padded = [triton.cdiv(n, PROBS_PADDING) * PROBS_PADDING for n in (Nq, Nk)]
         probs = torch.zeros((B, H, *padded), dtype=q.dtype, device=q.device)
     else:
         probs = lse  # never written
+    if num_splits > 1:  # partial (O, L) of each split, merged below
+        o_out, lse_out = o, lse
+        o = torch.empty((num_splits, *q.shape), dtype=torch.float32, device=q.device)
+        lse = torch.empty((num_splits, *q.shape[:3]), dtype=torch.float32, device=q.device)
 
+    kernel = "decode" if decode else "forward"
     # descriptor loads (USE_TMA) need aligned rows; the autotuner tries both where they are allowed
-    tma_ok = use_tma is not False and tma_compatible(k, v)
+    tma_ok = use_tma is not False and not sequences.paged and tma_compatible(k, v)
     if use_tma and not tma_ok:
-        raise ValueError("use_tma=True needs k and v with stride 1 along d and 16-byte aligned rows and starts")
+        raise ValueError("use_tma=True needs k and v with stride 1 along d and 16-byte aligned rows and starts, "
+                         "in a cache that is not paged")
     if block_m is not None or block_n is not None:
-        default = INTERPRET_CONFIGS["forward"]
+        default = INTERPRET_CONFIGS[kernel]
         config = KernelConfig(block_m or default.block_m, block_n or default.block_n)
-    config = pinned("forward", config)
+    config = pinned(kernel, config)
     if config is not None:
         if config.use_tma and not tma_ok:
             raise ValueError(f"the configuration {config} loads through descriptors, which these k, v do not allow")
@@ -310,13 +369,24 @@ def attention_forward(
 
     options, flags = score_args(q, Nq, Nk, scale=scale, causal=causal, window_size=window_size, softcap=softcap,
                                 alibi_slopes=alibi_slopes, dropout_p=dropout_p, rng_state=rng_state)
+    splits = num_splits > 1
     args = (
         q, k, v, o, lse, probs,
-        *q.stride(), *k.stride(), *v.stride(), *o.stride(), *(probs.stride() if return_probs else (0, 0, 0, 0)),
-        H, H // Hkv, Nq, Nk, *options, length_bucket(max(Nq, Nk)), 2 if use_tma else int(tma_ok),
+        *batch_strides(q, packed_q), *batch_strides(k, sequences.cu_seqlens_k is not None and not sequences.paged),
+        *batch_strides(v, sequences.cu_seqlens_k is not None and not sequences.paged),
+        *(o.stride()[1:] if splits else batch_strides(o, packed_q)),
+        *(lse.stride()[1:3] if splits else batch_strides(lse, packed_q)[:2]),
+        o.stride(0) if splits else 0, lse.stride(0) if splits else 0,
+        *(probs.stride() if return_probs else (0, 0, 0, 0)),
+        H, H // Hkv, Nq, Nk, *sequence_args(sequences, k), *options,
+        length_bucket(max(Nq, Nk)), 2 if use_tma else int(tma_ok),
     )
     meta = dict(HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)), RETURN_PROBS=bool(return_probs),
                 **dot_args(q.dtype), **flags)
-    launch("forward", _attn_fwd_kernel, _attn_fwd_tuned, lambda bm, bn: (triton.cdiv(Nq, bm), B * H),
-           args, meta, config)
+    tuned = _attn_fwd_decode_tuned if decode else _attn_fwd_tuned
+    launch(kernel, _attn_fwd_kernel, tuned, lambda bm, bn: (triton.cdiv(Nq, bm), B * H, num_splits), args, meta,
+           config)
+    if splits:
+        merge_splits(o, lse, o_out, lse_out)
+        o, lse = o_out, lse_out
     return (o, lse, probs) if return_probs else (o, lse)

@@ -155,7 +155,8 @@ def dropout_keep(seed, philox_offset, bh, i, j, Nq, Nk, dropout_p):
     """Z_ij = (u_ij >= p) for query rows i and key rows j of head bh = b · H + h (broadcastable tiles).
 
     u_ij is uniform in [0, 1), drawn by Philox at counter philox_offset + (bh · Nq + i) · Nk + j: one
-    number per (batch, head, i, j), the same in the forward and in both backward kernels.
+    number per (batch, head, i, j), the same in the forward and in both backward kernels. Nq and Nk
+    are the longest sequence's (``sequences.py``): each sequence of a packed batch has its own counters.
     """
     counter = philox_offset + (bh.to(tl.int64) * Nq + i) * Nk + j
     return tl.rand(seed, counter) >= dropout_p
