@@ -16,9 +16,9 @@ EXPLICIT_SCALE = 0.3
 SCALE_HINT = "use the scale argument when it is given, and only then 1/sqrt(d); apply it once"
 
 
-def oracle(q, k, v, causal: bool, scale=None):
-    """(O, L) of flashcourse.naive_attention in float64: the ground truth."""
-    return fc.naive_attention(q.double(), k.double(), v.double(), causal=causal, scale=scale, return_lse=True)
+def oracle(q, k, v, causal: bool, scale=None, **options):
+    """(O, L) of flashcourse.naive_attention in float64: the ground truth (options: its window_size, ...)."""
+    return fc.naive_attention(q.double(), k.double(), v.double(), causal=causal, scale=scale, return_lse=True, **options)
 
 
 def device() -> str:
