@@ -99,7 +99,7 @@ def test_a_hang_an_exit_or_a_print_costs_only_its_exercise(tmp_path, capfd):
     text = edit(solution("ch02_softmax"), "    # m = max_j x_j, 0 for an all −inf row\n", "    while True:\n        pass\n")
     text = edit(text, "        x_b = x[..., start : start + block]\n", "        __import__('os')._exit(0)\n")
     text = edit(text, "    # m = max(m_a, m_b)\n", "    print('debug print from the student')\n")
-    results = grade(["ch02"], submit(tmp_path, ch02_softmax=text), timeout=3)
+    results = grade(["ch02"], submit(tmp_path, ch02_softmax=text), timeout=1.5)
     by = {}
     for r in results:
         by.setdefault(r.exercise, []).append(r)
@@ -345,8 +345,8 @@ def test_the_grader_reaps_orphans_only_while_it_grades():
 
 
 def test_a_file_that_never_finishes_importing_costs_one_time_limit(tmp_path):
-    text = "import time\nwhile True:\n    time.sleep(0.01)\n" + solution("ch01_naive")
-    results = grade(["ch01"], submit(tmp_path, ch01_naive=text), timeout=2)
+    text = "while True:\n    pass\n" + solution("ch01_naive")  # the time limit counts the worker's CPU time
+    results = grade(["ch01"], submit(tmp_path, ch01_naive=text), timeout=1.5)
     assert results[0].status == "timed out" and "importing ch01_naive.py did not finish" in results[0].message
     assert all("timed out in an earlier check" in r.message for r in results[1:])
     assert sum(r.seconds for r in results) < 10

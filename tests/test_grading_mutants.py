@@ -62,6 +62,8 @@ if self.causal:
 return self.out_proj(merge_heads(torch.softmax(S, dim=-1) @ v))
 """
 GLOBAL_MASK = "full = torch.arange(Nk)[None, :] > torch.arange(Nq)[:, None] + (Nk - Nq)\n"
+WINDOW_LO = "        lo = tl.maximum(start_m + offset - WINDOW_LEFT, 0) // BLOCK_N * BLOCK_N"
+WINDOW_HI = "        hi = tl.minimum(tl.maximum(start_m + BLOCK_M + offset + WINDOW_RIGHT, 0), Nk)"
 
 # (file, exercise, the bug, edit: (old, new) or ("body", function, code), words of the message or None)
 MUTANTS = [
@@ -236,6 +238,39 @@ MUTANTS = [
                            "    return o, lse\n"), None),
 ]
 
+MUTANTS += [
+    # chapter 10: the window, and the key blocks it lets the kernel skip
+    ("ch10_window", "window_fwd_kernel", "no block skipped", (WINDOW_LO + "\n", "        lo = 0\n"), "no row of it can see"),
+    ("ch10_window", "window_fwd_kernel", "the loop ends at Nk (only the left edge skips)", (WINDOW_HI, "        hi = Nk"),
+     "no row of it can see"),
+    ("ch10_window", "window_fwd_kernel", "the window measured from the top-left diagonal",
+     ("    offset = Nk - Nq\n", "    offset = 0\n"), None),
+    ("ch10_window", "window_fwd_kernel", "the left edge off by one",
+     ("offs_n[None, :] >= offs_m[:, None] + offset - WINDOW_LEFT", "offs_n[None, :] > offs_m[:, None] + offset - WINDOW_LEFT"), None),
+    ("ch10_window", "window_fwd_kernel", "the edges used for the loop, not for the mask",
+     ("            visible = visible & (offs_n[None, :] <= offs_m[:, None] + offset + WINDOW_RIGHT)\n",
+      "            visible = visible & (offs_n[None, :] <= offs_m[:, None] + offset + WINDOW_RIGHT + BLOCK_N)\n"), None),
+    ("ch10_window", "window_fwd_kernel", "K and V loaded without the given load_kv",
+     ("        k, v = load_kv(K + bh * Nk * HEAD_DIM, V + bh * Nk * HEAD_DIM, start_n, offs_d, Nk, HEAD_DIM, BLOCK_N, visits)",
+      "        k = load_tile(K + bh * Nk * HEAD_DIM, offs_n, offs_d, HEAD_DIM, 1, Nk, HEAD_DIM)\n"
+      "        v = load_tile(V + bh * Nk * HEAD_DIM, offs_n, offs_d, HEAD_DIM, 1, Nk, HEAD_DIM)"), "load_kv"),
+    # chapter 11: the ring step and the zigzag layout
+    ("ch11_ring", "fold", "outputs averaged, not rescaled", ("    O_new = (alpha[..., None] * O + beta[..., None] * O_b) / total_safe[..., None]",
+                                                             "    O_new = (O + O_b) / 2"), None),
+    ("ch11_ring", "fold", "NaN where both states are empty", ("    m_safe = torch.where(torch.isneginf(m), 0.0, m)", "    m_safe = m"),
+     "got nan"),
+    ("ch11_ring", "fold", "exponentials not measured from the max", ("    m = torch.maximum(L, L_b)\n", "    m = torch.zeros_like(L)\n"),
+     "L_b = L + 120"),
+    ("ch11_ring", "fold", "merge_states of chapter 02", ("body", "fold", "from flashcourse.softmax import SoftmaxState, finalize, merge_states\n"
+                                                      "state = lambda O, L: SoftmaxState(L.float(), torch.isfinite(L).float(), O.float())\n"
+                                                      "return finalize(merge_states(state(O, L), state(O_b, L_b)))"),
+     "calls flashcourse.softmax.merge_states"),
+    ("ch11_ring", "shard_positions", "zigzag's late chunk one off", ("[rank, 2 * world_size - 1 - rank]", "[rank, 2 * world_size - 2 - rank]"),
+     None),
+    ("ch11_ring", "shard_positions", "no ValueError for a length that does not divide", ("    if N % chunks:\n", "    if False:\n"),
+     "expected ValueError"),
+]
+
 # right in another way than solutions/: they keep every point
 VARIANTS = [
     ("ch06_backward", "naive_backward", "D from P and dP (the same number before rounding)",
@@ -298,3 +333,12 @@ def test_a_right_submission_of_another_shape_keeps_every_point(tmp_path, stem, e
 def test_a_read_past_the_end_of_an_input_is_caught_every_time(tmp_path, stem, exercise, bug, change, words):
     miss = first_miss(submit(tmp_path, **{stem: _mutant(stem, change)}), stem, exercise, isolate=True)
     assert miss is not None and miss.status == "error" and words in miss.message, miss
+
+
+@pytest.mark.gpu
+def test_on_a_gpu_a_store_past_the_end_of_a_tensor_is_seen(tmp_path):
+    """No guard pages on a GPU: the bytes after each tensor a kernel gets are sentinels, checked after the launch."""
+    change = ("    tl.store(out_ptr + offs, x + y, mask=mask)", "    tl.store(out_ptr + offs, x + y)")
+    miss = first_miss(submit(tmp_path, ch04_triton_primer=_mutant("ch04_triton_primer", change)), "ch04_triton_primer",
+                      "add_kernel", isolate=True)
+    assert miss is not None and "wrote past the end of add_kernel's out_ptr" in miss.message, miss
