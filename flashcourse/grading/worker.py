@@ -57,6 +57,7 @@ from torch.overrides import TorchFunctionMode
 from . import wire
 from .checks import chapter as chapter_checks
 from .framework import ALLOWED, STUB_SUFFIX
+from .probes import PROBES
 
 MAX_OUTPUT = 2000  # characters of printed output kept per call
 PAGE = mmap.PAGESIZE
@@ -81,9 +82,10 @@ REFUSED_EVENTS = {"open": "opened a file", "os.fork": "started a process", "os.f
                   "sys.settrace": "switched the profiler off", "sys._getframe": "looked at the grader's frames",
                   "sys.addaudithook": "added an audit hook", "gc.get_objects": "looked at the grader's objects",
                   "gc.get_referrers": "looked at the grader's objects", "gc.get_referents": "looked at the grader's objects",
-                  "object.__getattr__": "looked at the grader's frames"}
+                  "object.__getattr__": "looked at the grader's frames", "sys._current_frames": "looked at the grader's frames"}
 # refused only when the submission's code itself does them (the standard library may: warnings, logging, traceback)
-DIRECT_EVENTS = {"sys._getframe", "object.__getattr__", "gc.get_objects", "gc.get_referrers", "gc.get_referents"}
+DIRECT_EVENTS = {"sys._getframe", "object.__getattr__", "gc.get_objects", "gc.get_referrers", "gc.get_referents",
+                 "sys._current_frames"}
 FRAME_ATTRIBUTES = {"tb_frame", "gi_frame", "cr_frame", "ag_frame"}
 
 
@@ -428,12 +430,16 @@ def _namespaces() -> list:
               ("torch.overrides", torch.overrides), ("torch.autograd", torch.autograd), ("numpy", numpy),
               ("torch.Tensor", torch.Tensor), ("torch._C.TensorBase", torch._C.TensorBase),
               ("torch.nn.Module", torch.nn.Module), ("TorchFunctionMode", TorchFunctionMode)]
+    import signal
+
     for module in (json, struct, io, os, inspect, cProfile, traceback, contextlib, mmap, ctypes, threading, _thread,
-                   linecache, importlib.util, random, types, jit):
+                   linecache, importlib.util, random, types, jit, signal):
         spaces.append((module.__name__, module))
+    spaces.append(("cProfile.Profile", cProfile.Profile))
     spaces += [("sys", sys, ("getprofile", "setprofile", "settrace", "gettrace", "_getframe", "exc_info", "addaudithook",
                              "audit"))]
     spaces += [(f"{c.__module__}.{c.__name__}", c) for c in _kernel_classes()]
+    spaces.append(("sys.modules", sys.modules, [n for n in sys.modules if n == "flashcourse" or n.startswith("flashcourse.")]))
     for name, module in list(sys.modules.items()):
         if name == "flashcourse" or name.startswith("flashcourse."):
             spaces.append((name, module))
@@ -452,7 +458,7 @@ class Integrity:
     def __init__(self):
         self.entries = []
         for name, space, *keys in _namespaces():
-            table = vars(space)
+            table = space if isinstance(space, dict) else vars(space)
             chosen = keys[0] if keys else list(table)
             self.entries += [(name, table, key, table[key]) for key in chosen if key in table and _relied_on(table[key])]
 
@@ -544,8 +550,10 @@ class Worker:
             sys.stdout, sys.stderr = saved
 
     # the learner's frames
-    def is_learner(self, frame) -> bool:
-        """frame runs the submission's code."""
+    def is_learner(self, frame, via_inspect: bool = False) -> bool:
+        """frame runs the submission's code; via_inspect: or runs ``inspect`` for it (inspect.currentframe)."""
+        if via_inspect and frame.f_code.co_filename == inspect.__file__ and frame.f_back is not None:
+            frame = frame.f_back
         return frame.f_code.co_filename == str(self.path)
 
     def learner_frame(self, frame) -> bool:
@@ -772,8 +780,6 @@ class Worker:
         profiler = cProfile.Profile() if not kernels or exercise.name not in self.traced else None
         probe = None
         if request.get("probe"):
-            from .probes import PROBES
-
             spec = request["probe"]
             probe = PROBES[spec["name"]]([t for _, t in leaves], **spec.get("params", {}))
         watch = self.watch = Watch(self, exercise, kernels, request.get("guard"), device)
@@ -933,7 +939,7 @@ def _guard_the_process(worker: Worker) -> None:
         try:
             frame = sys._getframe(1)
             if event in DIRECT_EVENTS:
-                refused = worker.is_learner(frame)
+                refused = worker.is_learner(frame, via_inspect=True)
             elif event == "open":
                 refused = worker.refused_read(args[0], frame)
             else:
@@ -943,15 +949,22 @@ def _guard_the_process(worker: Worker) -> None:
         if refused:
             worker.refuse(what, f"open {os.fsdecode(args[0])[:200]}" if event == "open" else event)
 
-    for module, name in ((_thread, "start_new_thread"), (_thread, "start_joinable_thread"),
-                         (threading, "_start_new_thread"), (threading, "_start_joinable_thread")):
+    import signal
+
+    for module, name, what in ((_thread, "start_new_thread", "started a thread"),
+                               (_thread, "start_joinable_thread", "started a thread"),
+                               (threading, "_start_new_thread", "started a thread"),
+                               (threading, "_start_joinable_thread", "started a thread"),
+                               # a handler runs later, outside the call, and is handed the worker's frame
+                               (signal, "signal", "set a signal handler"), (signal, "setitimer", "set a timer"),
+                               (signal, "alarm", "set a timer")):
         original = getattr(module, name, None)
         if original is None:
             continue
 
-        def start(*args, _original=original, **kwargs):
+        def start(*args, _original=original, _what=what, _event=f"{module.__name__}.{name}", **kwargs):
             if worker.learner_frame(sys._getframe(1)):
-                worker.refuse("started a thread", "threading")
+                worker.refuse(_what, _event)
             return _original(*args, **kwargs)
 
         setattr(module, name, start)
