@@ -212,7 +212,8 @@ def test_a_process_a_thread_a_file_or_ctypes_is_refused_to_the_submission(tmp_pa
     inside = body(solution("ch02_softmax"), "safe_softmax", "import threading\nthreading.Thread(target=print).start()\n"
                                                              "return torch.softmax(x, -1)")
     results = grade(["ch02"], submit(folder, ch02_softmax=inside), exercises=["safe_softmax"])
-    assert _points(results)[0] == 0 and "started a thread (threading) in safe_softmax" in results[0].message
+    assert _points(results)[0] == 0 and "started a thread (threading." in results[0].message
+    assert "in safe_softmax" in results[0].message
 
 
 def test_the_grader_itself_is_off_limits(tmp_path):
