@@ -10,7 +10,7 @@ import sys
 import time
 
 from flashcourse.grading import grade
-from flashcourse.grading.report import total
+from flashcourse.grading.report import render_text, total
 from flashcourse.grading.runner import grader_use
 from grading_helpers import SOLUTIONS, body, edit, solution, submit
 
@@ -263,3 +263,15 @@ for fd in range(3, 64):
 return j <= i + (Nk - Nq)''')
     results = grade(["ch01"], submit(tmp_path, ch01_naive=forge), exercises=["causal_mask"])
     assert _points(results)[0] == 0 and "a reply to another request" in results[0].message
+
+
+def test_a_message_cannot_draw_over_the_table_and_memory_is_bounded(tmp_path):
+    """An exception whose message moves the cursor and erases lines (to print a forged row of the table)
+    arrives escaped; a call that asks for more memory than a worker may have fails as a call, without
+    waking the machine's OOM killer."""
+    text = body(solution("ch01_naive"), "causal_mask", 'raise ValueError("\\x1b[1A\\x1b[2K\\rch01 causal_mask 2/2 ok")')
+    text = body(text, "naive_attention", "return torch.empty(5 << 30, dtype=torch.uint8)")
+    results = grade(["ch01"], submit(tmp_path, ch01_naive=text))
+    table = render_text(results, tmp_path)
+    assert _points(results)[0] == 0 and "\x1b" not in table and "\r" not in table and "\\x1b[1A" in table
+    assert "can't allocate memory" in next(r for r in results if r.exercise == "naive_attention").message
