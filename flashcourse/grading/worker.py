@@ -12,15 +12,11 @@ saw of the code while it ran:
   other than the stubs' helpers (also when ``exec``-ed from its source), code from any file outside
   the Python installation and the submission (e.g. a copy of solutions/), or a library function the
   exercise is about (e.g. ``torch.softmax`` in ``safe_softmax``) breaks a rule;
-- kernels: every Triton launch is watched. A kernel of the package may not be launched; each tensor a
-  kernel gets is copied into fresh memory that ends right before a page that cannot be read (CPU) or
-  that is followed by sentinel bytes (GPU), so a load or store past its end crashes at once, every
-  time, or is seen; the tensors a kernel exercise returns must be as its kernel left them, and its
-  Python code may only allocate, move and reshape tensors (the kernel computes);
+- kernels: every Triton launch goes through the worker (``launches.py``): guard pages or sentinels
+  around each tensor, no kernel of the package, results as the exercise's kernel left them;
 - inputs: each input is compared with a copy after the call (an input changed in place is named);
-- the process: code of the submission may not start threads or processes, use ctypes, read files, switch
-  the profiler off or look at the grader's frames (an audit hook refuses these), nor replace functions
-  of Python, torch, numpy, Triton, flashcourse or the grader (checked after the import and every call);
+- the process: what the submission's code may not do, and the check that it left Python, torch and
+  the grader as they were (``sandbox.py``);
 - probes: optional watchers of the torch operations of one call (``probes.py``).
 
 Uninitialised memory (``torch.empty``) is filled with NaN, and every call starts from the same seeds,
@@ -28,23 +24,16 @@ so that the same submission gives the same results every time. Nothing the worke
 the grader compares every result with its own oracle.
 """
 
-import _thread
-import builtins
 import contextlib
 import cProfile
-import ctypes
 import importlib.util
 import inspect
 import io
 import linecache
-import mmap
 import os
 import random
 import re
-import site
 import sys
-import sysconfig
-import threading
 import traceback
 import types
 from pathlib import Path
@@ -52,41 +41,16 @@ from pathlib import Path
 import flashcourse  # noqa: F401  (switches Triton's interpreter on before anything imports triton)
 import numpy
 import torch
-from torch.overrides import TorchFunctionMode
 
 from . import wire
 from .checks import chapter as chapter_checks
 from .framework import ALLOWED, STUB_SUFFIX
+from .launches import TorchWork, Watch, watching_launches
 from .probes import PROBES
+from .sandbox import SITE, STDLIB, Integrity, LearnerFrames, guard_the_process, trusted_roots
 
 MAX_OUTPUT = 2000  # characters of printed output kept per call
-PAGE = mmap.PAGESIZE
 PACKAGE = Path(flashcourse.__file__).resolve().parent
-PROT_NONE, PROT_READ, SLACK = 0, 1, 3  # after a tensor: a page that cannot be read / written, or slack (read-write)
-MIN_SLACK = 1 << 16  # bytes of slack at least (a stray tile of a kernel lands there, not in the allocator's data)
-SENTINEL, PADDING = 0xFF, 4096  # on a GPU: bytes after each tensor a kernel gets (0xFF.. is NaN in every float dtype)
-# what the Python code of a kernel exercise may do with torch: allocate, convert, move, reshape, look
-LAYOUT_OPS = frozenset("""
-    empty empty_like empty_strided zeros zeros_like ones ones_like full full_like new_empty new_empty_strided new_zeros
-    new_ones new_full contiguous clone detach detach_ copy_ to float half bfloat16 double cpu cuda type type_as view
-    view_as reshape reshape_as transpose permute t expand expand_as flatten unflatten squeeze unsqueeze narrow select
-    __getitem__ __setitem__ split chunk unbind as_strided stride size dim numel nelement element_size data_ptr
-    is_contiguous storage_offset untyped_storage __len__ __get__ __set__ is_floating_point requires_grad_ __format__
-    __repr__ __str__ __hash__
-""".split())
-# audit events that the submission's own code may not raise (the plain ways out of the worker's sight)
-REFUSED_EVENTS = {"open": "opened a file", "os.fork": "started a process", "os.forkpty": "started a process", "os.posix_spawn": "started a process",
-                  "os.spawn": "started a process", "os.exec": "started a program", "os.system": "started a program",
-                  "subprocess.Popen": "started a program", "os.kill": "sent a signal", "os.killpg": "sent a signal",
-                  "signal.pthread_kill": "sent a signal", "sys.setprofile": "switched the profiler off",
-                  "sys.settrace": "switched the profiler off", "sys._getframe": "looked at the grader's frames",
-                  "sys.addaudithook": "added an audit hook", "gc.get_objects": "looked at the grader's objects",
-                  "gc.get_referrers": "looked at the grader's objects", "gc.get_referents": "looked at the grader's objects",
-                  "object.__getattr__": "looked at the grader's frames", "sys._current_frames": "looked at the grader's frames"}
-# refused only when the submission's code itself does them (the standard library may: warnings, logging, traceback)
-DIRECT_EVENTS = {"sys._getframe", "object.__getattr__", "gc.get_objects", "gc.get_referrers", "gc.get_referents",
-                 "sys._current_frames"}
-FRAME_ATTRIBUTES = {"tb_frame", "gi_frame", "cr_frame", "ag_frame"}
 
 
 class Failure(Exception):
@@ -108,107 +72,7 @@ class BoundedWriter(io.StringIO):
         return len(s)
 
 
-# --- fresh memory for the tensors of a launch: guard pages on the CPU, sentinel bytes on a GPU ---------
-
-_libc = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
-
-
-def _byte_span(t: torch.Tensor) -> tuple:
-    """(first, end): the bytes of t's storage that t reaches."""
-    size = t.element_size()
-    first = t.storage_offset() * size
-    return first, first + (1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride()))) * size
-
-
-def _storage_bytes(t: torch.Tensor) -> torch.Tensor:
-    """The whole storage of t, as uint8."""
-    storage = t.untyped_storage()
-    return torch.empty(0, dtype=torch.uint8, device=t.device).set_(storage, 0, (storage.nbytes(),), (1,))
-
-
-def _fresh(nbytes: int, device: torch.device, protect) -> tuple:
-    """(memory, sentinel bytes after it or None): nbytes of uint8 that end right before a page of protection
-    ``protect`` (CPU, protect not None; SLACK: as many read-write bytes as the tensor, at least MIN_SLACK),
-    else followed by PADDING sentinel bytes."""
-    if device.type == "cpu" and protect is not None and _libc is not None:
-        body = -(-nbytes // PAGE) * PAGE
-        if protect == SLACK:
-            mapping = mmap.mmap(-1, body + -(-max(nbytes, MIN_SLACK) // PAGE) * PAGE)
-            return torch.frombuffer(mapping, dtype=torch.uint8, count=nbytes, offset=body - nbytes), None
-        mapping = mmap.mmap(-1, body + PAGE)
-        address = ctypes.addressof(ctypes.c_char.from_buffer(mapping))
-        if _libc.mprotect(ctypes.c_void_p(address + body), PAGE, protect) != 0:
-            raise OSError(ctypes.get_errno(), "mprotect failed")
-        return torch.frombuffer(mapping, dtype=torch.uint8, count=nbytes, offset=body - nbytes), None
-    memory = torch.full((nbytes + PADDING,), SENTINEL, dtype=torch.uint8, device=device)
-    return memory[:nbytes], memory[nbytes:]
-
-
-class Placement:
-    """The tensors of one launch moved into fresh memory (tensors that share a storage share it there too),
-    and back again after the launch."""
-
-    def __init__(self, tensors: list, protect_of):
-        """tensors: [(index, tensor)]; protect_of(index): PROT_NONE / PROT_READ for a guard page, SLACK for
-        harmless room, None for sentinel bytes (a GPU)."""
-        groups = {}
-        for index, t in tensors:
-            protect = protect_of(index)
-            if not t.numel() or any(s < 0 for s in t.stride()):
-                continue
-            group = groups.setdefault((t.device, t.untyped_storage().data_ptr()), {"members": [], "protect": protect})
-            group["members"].append((index, t))
-            if protect is not None and (group["protect"] is None or protect < group["protect"]):
-                group["protect"] = protect  # the strictest of its tensors
-        self.groups, self.moved = [], {}
-        for (device, _), group in groups.items():
-            spans = [_byte_span(t) for _, t in group["members"]]
-            lo, hi = min(s[0] for s in spans), max(s[1] for s in spans)
-            if any((first - lo) % t.element_size() for (first, _), (_, t) in zip(spans, group["members"])):
-                continue  # views at offsets that are no multiple of their element size: left where they are
-            memory, pad = _fresh(hi - lo, device, group["protect"])
-            source = _storage_bytes(group["members"][0][1])
-            memory.copy_(source[lo:hi])
-            for (first, _), (index, t) in zip(spans, group["members"]):
-                self.moved[index] = torch.empty(0, dtype=t.dtype, device=device).set_(
-                    memory.untyped_storage(), (first - lo) // t.element_size(), t.shape, t.stride())
-            self.groups.append((source, lo, hi, memory, pad, [index for index, _ in group["members"]]))
-
-    def restore(self) -> list:
-        """Copy every group back; the indices of the tensors whose sentinel bytes were written over."""
-        overrun = []
-        for source, lo, hi, memory, pad, members in self.groups:
-            source[lo:hi].copy_(memory)
-            if pad is not None and bool((pad != SENTINEL).any()):
-                overrun.append(members[0])
-        return overrun
-
-
 # --- what the learner's code ran ----------------------------------------------------------------------
-
-def _trusted_roots() -> tuple:
-    """Folders whose code any submission may run: the Python installation and its packages."""
-    paths = {sysconfig.get_paths()[k] for k in ("stdlib", "platstdlib", "purelib", "platlib")}
-    paths |= {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix}
-    paths |= set(getattr(site, "getsitepackages", lambda: [])())
-    for name in ("torch", "triton", "numpy"):
-        module = sys.modules.get(name)
-        if module is not None and getattr(module, "__file__", None):
-            paths.add(str(Path(module.__file__).resolve().parents[1]))
-    # what Triton compiles for a GPU lives in its cache
-    paths.add(os.environ.get("TRITON_CACHE_DIR") or str(Path.home() / ".triton"))
-    return tuple(str(Path(p).resolve()) + os.sep for p in paths if p)
-
-
-STDLIB = tuple(str(Path(sysconfig.get_paths()[k]).resolve()) + os.sep for k in ("stdlib", "platstdlib"))
-SITE = tuple(str(Path(p).resolve()) + os.sep for p in {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"],
-                                                       *getattr(site, "getsitepackages", lambda: [])()})
-
-
-def _stdlib(filename: str) -> bool:
-    """Code of Python's standard library (in a virtual env the packages live below it: they are not)."""
-    return filename.startswith(STDLIB) and not filename.startswith(SITE)
-
 
 def package_name(filename: str, qualname: str):
     """'flashcourse.softmax.online_softmax' for code of the flashcourse package, else None."""
@@ -283,193 +147,6 @@ def builtin_name(entry: str) -> tuple:
     return m.group(1).rsplit(".", 1)[-1], m.group(1) if entry.startswith("<built-in") else f"Tensor.{m.group(1)}"
 
 
-def _op_name(func) -> str:
-    return getattr(func, "__name__", "") or type(func).__name__
-
-
-class TorchWork(TorchFunctionMode):
-    """The first torch operation that computes, run by a kernel exercise's Python code outside its launches."""
-
-    def __init__(self, watch):
-        super().__init__()
-        self.watch = watch
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        watch = self.watch
-        if watch.depth == 0 and watch.broken is None:
-            name = _op_name(func)
-            if name not in LAYOUT_OPS:
-                watch.broken = {"kind": "torch_work", "op": name}
-        return func(*args, **(kwargs or {}))
-
-
-class Watch:
-    """What the worker sees of one call: the kernels it launches, and where the rules are broken."""
-
-    def __init__(self, worker, exercise, kernels: list, guard, device: str):
-        self.worker, self.exercise, self.guard, self.device = worker, exercise, guard, device
-        self.kernels = {id(k.fn): k.fn.__name__ for k in kernels}  # the exercise's own kernels
-        self.launched = []  # names of the exercise's kernels, as launched
-        self.written = {}  # storage -> (first, end, bytes) as the exercise's kernel left them
-        self.args = []  # the tensors the kernels got, in launch order: "attention_fwd_kernel's K"
-        self.broken = None  # the first rule the call broke (a failure record)
-        self.depth = 0  # > 0 inside a launch
-
-    def refuse(self, record: dict) -> None:
-        if self.broken is None:
-            self.broken = record
-
-    def _protect(self, index: int):
-        """What follows tensor ``index`` of the call's launches: a guard page (all of them, or those of
-        guard["only"], unreadable or with guard["write"] only unwritable), slack, or sentinel bytes (GPU)."""
-        if self.device != "cpu":
-            return None
-        guard = self.guard
-        if guard is None:
-            return PROT_NONE
-        if index in guard.get("only", []):
-            return PROT_READ if guard.get("write") else PROT_NONE
-        return SLACK
-
-    def launch(self, run, kernel, args, kwargs, launch_options):
-        fn = getattr(kernel, "fn", None)
-        name = getattr(fn, "__name__", type(kernel).__name__)
-        rule = self.worker.kernel_rule(fn, self.exercise)
-        if rule:
-            self.refuse(rule)
-            raise Failure(**rule)
-        self.depth += 1
-        try:
-            params = list(getattr(kernel, "arg_names", []) or [])
-            named = [(params[i] if i < len(params) else f"argument {i + 1}", a) for i, a in enumerate(args)]
-            named += list(kwargs.items())
-            tensors = []
-            for param, value in named:
-                if type(value) is torch.Tensor:
-                    tensors.append((len(self.args), value))
-                    self.args.append(f"{name}'s {param}")
-            placed = Placement(tensors, self._protect)
-            swap = {id(t): placed.moved[i] for i, t in tensors if i in placed.moved}
-            args = [swap.get(id(a), a) for a in args]
-            kwargs = {k: swap.get(id(v), v) for k, v in kwargs.items()}
-            try:
-                result = run(kernel, *args, **launch_options, **kwargs)
-            finally:
-                overrun = placed.restore()
-            if overrun:
-                self.refuse({"kind": "overrun", "arg": self.args[overrun[0]]})
-            if id(fn) in self.kernels:
-                self.launched.append(name)
-                for _, t in tensors:
-                    first, end = _byte_span(t)
-                    self.written[(t.device, t.untyped_storage().data_ptr())] = (first, end, _storage_bytes(t)[first:end].clone())
-            return result
-        finally:
-            self.depth -= 1
-
-    def as_written(self, t: torch.Tensor) -> bool:
-        """t lies in the memory that an exercise kernel wrote, and nothing changed it since."""
-        entry = self.written.get((t.device, t.untyped_storage().data_ptr()))
-        if entry is None:
-            return False
-        first, end, snapshot = entry
-        t_first, t_end = _byte_span(t)
-        return first <= t_first and t_end <= end and torch.equal(_storage_bytes(t)[first:end], snapshot)
-
-
-_KERNEL_CLASSES = []
-
-
-def _kernel_classes() -> list:
-    """The Triton classes whose ``run`` launches a kernel (JITFunction; InterpretedFunction in the interpreter)."""
-    if not _KERNEL_CLASSES:
-        from triton.runtime.jit import JITFunction
-
-        _KERNEL_CLASSES.append(JITFunction)
-        try:
-            from triton.runtime.interpreter import InterpretedFunction
-
-            _KERNEL_CLASSES.append(InterpretedFunction)
-        except ImportError:
-            pass
-    return _KERNEL_CLASSES
-
-
-@contextlib.contextmanager
-def watching_launches(watch: Watch):
-    """While the call runs, every kernel launch goes through ``watch.launch``."""
-    installed = []
-    for cls in _kernel_classes():
-        original = cls.__dict__["run"]
-
-        def run(self, *args, grid, warmup, _original=original, **kwargs):
-            if warmup:
-                return _original(self, *args, grid=grid, warmup=warmup, **kwargs)
-            return watch.launch(_original, self, args, kwargs, {"grid": grid, "warmup": warmup})
-
-        cls.run = run
-        installed.append((cls, original, run))
-    try:
-        yield
-    finally:
-        for cls, original, run in installed:
-            if cls.__dict__.get("run") is not run:
-                watch.refuse({"kind": "tampered", "name": f"triton {cls.__name__}.run"})
-            cls.run = original
-
-
-def _namespaces() -> list:
-    """(name, namespace) of what the grader relies on in the worker: Python's builtins, torch, numpy, the
-    stdlib modules the worker uses, Triton's launchers, and every module and class of flashcourse."""
-    import json
-    import struct
-
-    import triton.runtime.jit as jit
-
-    spaces = [("builtins", builtins), ("torch", torch), ("torch._C", torch._C), ("torch.nn.functional", torch.nn.functional),
-              ("torch.overrides", torch.overrides), ("torch.autograd", torch.autograd), ("numpy", numpy),
-              ("torch.Tensor", torch.Tensor), ("torch._C.TensorBase", torch._C.TensorBase),
-              ("torch.nn.Module", torch.nn.Module), ("TorchFunctionMode", TorchFunctionMode)]
-    import signal
-
-    for module in (json, struct, io, os, inspect, cProfile, traceback, contextlib, mmap, ctypes, threading, _thread,
-                   linecache, importlib.util, random, types, jit, signal):
-        spaces.append((module.__name__, module))
-    spaces.append(("cProfile.Profile", cProfile.Profile))
-    spaces += [("sys", sys, ("getprofile", "setprofile", "settrace", "gettrace", "_getframe", "exc_info", "addaudithook",
-                             "audit"))]
-    spaces += [(f"{c.__module__}.{c.__name__}", c) for c in _kernel_classes()]
-    spaces.append(("sys.modules", sys.modules, [n for n in sys.modules if n == "flashcourse" or n.startswith("flashcourse.")]))
-    for name, module in list(sys.modules.items()):
-        if name == "flashcourse" or name.startswith("flashcourse."):
-            spaces.append((name, module))
-            spaces += [(f"{name}.{k}", v) for k, v in vars(module).items()
-                       if isinstance(v, type) and getattr(v, "__module__", None) == name]
-    return spaces
-
-
-def _relied_on(value) -> bool:
-    return callable(value) or isinstance(value, (type, types.ModuleType)) or hasattr(type(value), "__get__")
-
-
-class Integrity:
-    """The functions and classes the grader relies on, as they were before the learner's code ran."""
-
-    def __init__(self):
-        self.entries = []
-        for name, space, *keys in _namespaces():
-            table = space if isinstance(space, dict) else vars(space)
-            chosen = keys[0] if keys else list(table)
-            self.entries += [(name, table, key, table[key]) for key in chosen if key in table and _relied_on(table[key])]
-
-    def changed(self):
-        """'torch.equal' for the first of them that is no longer what it was, else None."""
-        for name, table, key, value in self.entries:
-            if table.get(key) is not value:
-                return f"{name}.{key}"
-        return None
-
-
 class Worker:
     """Answers the requests of one chapter on one submission (its source text, as the grader read it).
 
@@ -487,7 +164,8 @@ class Worker:
         self.twins = None  # _twin_key -> qualified name of flashcourse's functions
         self.watch = None  # the Watch of the call (or import) that runs
         self.last_args = []
-        self.roots = _trusted_roots()
+        self.roots = trusted_roots()
+        self.frames = LearnerFrames(self.path, self.roots)
         self.integrity = Integrity() if isolate else None
 
     # the learner's module, compiled from the source text once
@@ -513,7 +191,7 @@ class Worker:
         spec = importlib.util.spec_from_file_location(name, self.path)
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module
-        watch = self.watch = Watch(self, self.spec.spec(""), [], None, "cpu")
+        watch = self.watch = Watch(self.kernel_rule, self.spec.spec(""), [], None, "cpu")
         try:
             with self._captured(out):
                 exec(code, module.__dict__)
@@ -548,45 +226,6 @@ class Worker:
             yield
         finally:
             sys.stdout, sys.stderr = saved
-
-    # the learner's frames
-    def is_learner(self, frame, via_inspect: bool = False) -> bool:
-        """frame runs the submission's code; via_inspect: or runs ``inspect`` for it (inspect.currentframe)."""
-        if via_inspect and frame.f_code.co_filename == inspect.__file__ and frame.f_back is not None:
-            frame = frame.f_back
-        return frame.f_code.co_filename == str(self.path)
-
-    def learner_frame(self, frame) -> bool:
-        """The nearest frame outside the standard library (and outside code compiled from strings, which
-        runs on behalf of its caller) runs the submission's code."""
-        while frame is not None:
-            filename = frame.f_code.co_filename
-            if not (_stdlib(filename) or filename.startswith("<")):
-                return self.is_learner(frame)
-            frame = frame.f_back
-        return False
-
-    def refused_read(self, target, frame) -> bool:
-        """Whether opening ``target`` from ``frame`` is the submission reading a file: its own code opens it
-        (open, inspect.getsource, runpy), or a library it called does (torch.load) outside the Python
-        installation. The import system, Triton (reading kernels' source) and the worker's own folders may."""
-        if isinstance(target, int) or not isinstance(target, (str, bytes, os.PathLike)):
-            return False
-        name = os.path.abspath(os.fsdecode(target))
-        scratch = os.environ.get("TMPDIR")
-        if name in (str(self.path), os.devnull, "/dev/urandom") or scratch and name.startswith(scratch + os.sep):
-            return False
-        if frame.f_code.co_filename.startswith("<frozen importlib"):
-            return False
-        nearest, learner, triton = None, False, False
-        while frame is not None:
-            filename = frame.f_code.co_filename
-            if nearest is None and not (_stdlib(filename) or filename.startswith("<")):
-                nearest = self.is_learner(frame)
-            learner = learner or self.is_learner(frame)
-            triton = triton or f"{os.sep}triton{os.sep}" in filename
-            frame = frame.f_back
-        return bool(nearest) or learner and not triton and not name.startswith(self.roots)
 
     def refuse(self, what: str, event: str) -> None:
         """Record that the learner's code tried ``what`` (refused), and stop it."""
@@ -782,7 +421,7 @@ class Worker:
         if request.get("probe"):
             spec = request["probe"]
             probe = PROBES[spec["name"]]([t for _, t in leaves], **spec.get("params", {}))
-        watch = self.watch = Watch(self, exercise, kernels, request.get("guard"), device)
+        watch = self.watch = Watch(self.kernel_rule, exercise, kernels, request.get("guard"), device)
         work = TorchWork(watch) if kernels else contextlib.nullcontext()
         stopped, error = False, None
         try:
@@ -924,53 +563,6 @@ def _leaves(x, name: str, out: list):
     return out
 
 
-def _guard_the_process(worker: Worker) -> None:
-    """Refuse the plain ways out of the worker's sight to the submission's own code: an audit hook (which
-    cannot be removed) for processes, ctypes, files, the profiler and frames; wrappers for starting threads."""
-    busy = []
-
-    def audit(event, args):
-        if busy:  # the hook's own look at the frames
-            return
-        what = REFUSED_EVENTS.get(event) or ("used ctypes" if event.startswith("ctypes.") else None)
-        if what is None or event == "object.__getattr__" and args[1] not in FRAME_ATTRIBUTES:
-            return
-        busy.append(True)
-        try:
-            frame = sys._getframe(1)
-            if event in DIRECT_EVENTS:
-                refused = worker.is_learner(frame, via_inspect=True)
-            elif event == "open":
-                refused = worker.refused_read(args[0], frame)
-            else:
-                refused = worker.learner_frame(frame)
-        finally:
-            busy.clear()
-        if refused:
-            worker.refuse(what, f"open {os.fsdecode(args[0])[:200]}" if event == "open" else event)
-
-    import signal
-
-    for module, name, what in ((_thread, "start_new_thread", "started a thread"),
-                               (_thread, "start_joinable_thread", "started a thread"),
-                               (threading, "_start_new_thread", "started a thread"),
-                               (threading, "_start_joinable_thread", "started a thread"),
-                               # a handler runs later, outside the call, and is handed the worker's frame
-                               (signal, "signal", "set a signal handler"), (signal, "setitimer", "set a timer"),
-                               (signal, "alarm", "set a timer")):
-        original = getattr(module, name, None)
-        if original is None:
-            continue
-
-        def start(*args, _original=original, _what=what, _event=f"{module.__name__}.{name}", **kwargs):
-            if worker.learner_frame(sys._getframe(1)):
-                worker.refuse(_what, _event)
-            return _original(*args, **kwargs)
-
-        setattr(module, name, start)
-    sys.addaudithook(audit)
-
-
 def main() -> None:
     """Serve requests on stdin/stdout (``wire`` frames) until stdin closes.
 
@@ -992,7 +584,7 @@ def main() -> None:
     read = lambda: wire.read_frame(requests, max_header=wire.TRUSTED_HEADER, max_blobs=wire.TRUSTED_BLOBS)  # noqa: E731
     init = wire.decode(*read(), clean=False)
     worker = Worker(Path(init["target"]), init["chapter"], init.get("source"), unreadable=init.get("unreadable"))
-    _guard_the_process(worker)
+    guard_the_process(worker.frames, worker.refuse)
     worker.integrity = Integrity()  # after the worker's own wrappers, before any learner code
     send = lambda message: wire.write_message(replies, message)  # noqa: E731
     send({"ready": os.getpid()})
