@@ -8,6 +8,12 @@ every process that carries the worker's token in its environment, until a scan o
 alive; then it reaps them. Elsewhere (macOS) the worker leads its own session and the grader kills
 that process group: a descendant that calls ``os.setsid`` there escapes (see exercises/README.md).
 
+A forked worker may allocate MEMORY_LIMIT bytes more than the zygote held (RLIMIT_DATA): a memory bomb
+is a MemoryError in the learner's call, not the machine's OOM killer. Workers run with a fixed string
+hash seed, and the grader reads their replies through a short queue (a worker that floods its pipe
+waits). A zygote that stops answering (the learner's code, running as the grader's user, stopped it)
+is replaced.
+
 Starting Python and importing torch costs seconds, so on a machine without a GPU the workers are
 forked from a ``Zygote``: a process that has imported torch, Triton and the grader but never runs
 learner code, and that forks a fresh worker on request (setting its session, user and environment).
