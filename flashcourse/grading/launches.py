@@ -156,6 +156,8 @@ class Watch:
         return SLACK
 
     def launch(self, run, kernel, args, kwargs, launch_options):
+        """``run(kernel, *args, **launch_options, **kwargs)`` (Triton's own launch) with every tensor argument in
+        fresh memory; a kernel that is not the submission's is refused, an exercise kernel's results recorded."""
         fn = getattr(kernel, "fn", None)
         name = getattr(fn, "__name__", type(kernel).__name__)
         rule = self.rule_of(fn, self.exercise)
