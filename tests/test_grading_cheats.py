@@ -10,8 +10,9 @@ import sys
 import time
 
 from flashcourse.grading import grade
-from flashcourse.grading.report import total
-from grading_helpers import SOLUTIONS, solution, submit
+from flashcourse.grading.report import render_text, total
+from flashcourse.grading.runner import grader_use
+from grading_helpers import SOLUTIONS, body, edit, solution, submit
 
 WRONG_NAIVE = '''
 def naive_attention(q, k, v, causal=False, scale=None):
@@ -82,7 +83,6 @@ for fd in range(3, 256):
             pipes.append(fd)
     except OSError:
         pass
-open({str(tmp_path / "proof")!r}, "w").write(str(len(pipes)))
 for fd in pipes:
     try:
         os.write(fd, pickle.dumps(Payload()) * 8)
@@ -90,9 +90,9 @@ for fd in pipes:
         pass
 '''
     results = grade(["ch01"], submit(tmp_path, ch01_naive=cheat), exercises=["causal_mask"])
-    assert int((tmp_path / "proof").read_text()) > 0  # it did find the pipes of the protocol
     assert not marker.exists()
-    assert _points(results)[0] == 0 and "not a result" in results[0].message
+    # it did find the pipe of the replies: what it wrote is what the grader refused
+    assert _points(results)[0] == 0 and "not a result (a message without the protocol's marker)" in results[0].message
 
 
 def test_a_submission_that_loads_solutions_from_disk_loses(tmp_path):
@@ -112,9 +112,22 @@ def naive_attention(q, k, v, causal=False, scale=None):
     assert "causal_mask is not defined in ch01_naive.py: it comes from" in messages["causal_mask"]
     assert "solutions/ch01_naive.py" in messages["naive_attention"]
     source = solution("ch01_naive").replace("def causal_mask", "exec_me = None\ndef causal_mask")
-    cheat = f"source = {source!r}\nexec(source)\n"
-    results = grade(["ch01"], submit(tmp_path, ch01_naive=cheat), exercises=["causal_mask"])
-    assert _points(results)[0] == 0 and "exec()" in results[0].message
+    for cheat in (f"source = {source!r}\nexec(source)\n",
+                  # compiled under the file's own name: still not the file's text
+                  f"source = {source!r}\nexec(compile(source, __file__, 'exec'))\n"):
+        results = grade(["ch01"], submit(tmp_path, ch01_naive=cheat), exercises=["causal_mask"])
+        assert _points(results)[0] == 0 and "exec() or compile() of text that is not in the file" in results[0].message
+    # reading another file: solutions/ (runpy, open) or the package's source (to exec it inside a function)
+    cheats = [f"import runpy\nglobals().update(runpy.run_path({str(SOLUTIONS / 'ch01_naive.py')!r}))\n",
+              f"exec(compile(open({str(SOLUTIONS / 'ch01_naive.py')!r}).read(), __file__, 'exec'))\n",
+              solution("ch01_naive").split("def naive_attention")[0] + WRONG_NAIVE.replace(
+                  "    return torch.zeros_like(q)",
+                  "    import inspect, flashcourse.reference as r\n    ns = dict(vars(r))\n"
+                  "    exec(inspect.getsource(r.naive_attention), ns)\n"
+                  "    return ns['naive_attention'](q, k, v, causal=causal, scale=scale)")]
+    for cheat in cheats:
+        results = grade(["ch01"], submit(tmp_path, ch01_naive=cheat), exercises=["naive_attention"])
+        assert _points(results)[0] == 0 and "your code opened a file (open " in results[0].message, results[0].message
 
 
 def _survivors(token: str) -> list:
@@ -129,12 +142,20 @@ def _survivors(token: str) -> list:
     return found
 
 
-def test_a_detached_process_cannot_rewrite_the_report(tmp_path):
-    """The learner's code starts a daemon (double fork, setsid) that keeps writing a perfect score into
-    results.json: the report must be written after it is dead, and stay as written."""
-    report, token = tmp_path / "results.json", secrets.token_hex(8)
-    cheat = solution("ch01_naive").split("def naive_attention")[0] + WRONG_NAIVE + '''
+WRITER = """
 import json, os, time
+open(os.environ["CHEAT_REPORT"] + ".proof", "w").close()
+end = time.time() + 30
+while time.time() < end:
+    try:
+        with open(os.environ["CHEAT_REPORT"], "w") as f:
+            json.dump({"score": 999, "max_score": 999, "tests": []}, f)
+    except OSError:
+        pass
+    time.sleep(0.02)
+"""
+DAEMON = f"""
+import os, sys
 
 def _daemon():
     if os.fork():
@@ -142,19 +163,21 @@ def _daemon():
     os.setsid()
     if os.fork():
         os._exit(0)
-    open(os.environ["CHEAT_REPORT"] + ".proof", "w").close()
-    end = time.time() + 30
-    while time.time() < end:
-        try:
-            with open(os.environ["CHEAT_REPORT"], "w") as f:
-                json.dump({"score": 999, "max_score": 999, "tests": []}, f)
-        except OSError:
-            pass
-        time.sleep(0.02)
-    os._exit(0)
+    os.execv(sys.executable, [sys.executable, "-c", {WRITER!r}])
+"""
 
-_daemon()
-'''
+
+def test_a_detached_process_cannot_rewrite_the_report(tmp_path):
+    """The learner's code starts a daemon (double fork, setsid) that keeps writing a perfect score into
+    results.json: the report must be written after it is dead, and stay as written. (A plain os.fork is
+    refused; this one hides its code under the name of a library file, so it runs: the grader kills it.)"""
+    report, token = tmp_path / "results.json", secrets.token_hex(8)
+    cheat = solution("ch01_naive").split("def naive_attention")[0] + WRONG_NAIVE + f"""
+import torch as _t
+_ns = {{}}
+exec(compile({DAEMON!r}, _t.__file__, "exec"), _ns)
+_ns["_daemon"]()
+"""
     folder = submit(tmp_path, ch01_naive=cheat)
     env = {**os.environ, "CHEAT_REPORT": str(report), "CHEAT_TOKEN": token,
            "PYTHONPATH": os.pathsep.join([str(SOLUTIONS.parent), os.environ.get("PYTHONPATH", "")])}
@@ -167,3 +190,88 @@ _daemon()
     time.sleep(0.5)
     assert json.loads(report.read_text()) == written
     assert _survivors(token) == [] and (tmp_path / "results.json.proof").exists()
+
+
+def test_a_process_a_thread_a_file_or_ctypes_is_refused_to_the_submission(tmp_path):
+    """The plain ways out of the worker's sight fail the whole file when the file does them on import,
+    and the exercise when a call does them."""
+    cases = {"import os\nos.fork()": "started a process (os.fork)",
+             "import threading\nthreading.Thread(target=print).start()": "started a thread",
+             "open('/etc/hostname').read()": "opened a file (open /etc/hostname)",
+             "import ctypes\nctypes.CDLL(None)": "used ctypes",
+             "import sys\nsys.setprofile(None)": "switched the profiler off",
+             "import sys\nsys._getframe(0)": "looked at the grader's frames",
+             "import os, signal\nos.kill(os.getppid(), signal.SIGSTOP)": "sent a signal (os.kill)",
+             "import torch\ntorch.load('/tmp/answers.pt')": "opened a file (open /tmp/answers.pt)"}
+    folder = tmp_path
+    for code, words in cases.items():
+        submit(folder, ch01_naive=solution("ch01_naive") + "\n" + code + "\n")
+        results = grade(["ch01"], folder, exercises=["causal_mask"])
+        assert _points(results)[0] == 0 and words in results[0].message and "while the file was imported" in results[0].message, \
+            (code, results[0].message)
+    inside = body(solution("ch02_softmax"), "safe_softmax", "import threading\nthreading.Thread(target=print).start()\n"
+                                                             "return torch.softmax(x, -1)")
+    results = grade(["ch02"], submit(folder, ch02_softmax=inside), exercises=["safe_softmax"])
+    assert _points(results)[0] == 0 and "started a thread (threading." in results[0].message
+    assert "in safe_softmax" in results[0].message
+
+
+def test_the_grader_itself_is_off_limits(tmp_path):
+    """Using the grader's modules (to switch the profiler's verdict off, to fake a probe, to read a check's
+    secrets) is refused from the submission's text, before any of it runs; replacing what the grader relies on
+    (torch.equal, a builtin) in any other way is seen after the import, or after the call."""
+    ch02 = solution("ch02_softmax")
+    for code in ["import flashcourse.grading.worker as w\nw.Worker._judge = lambda *a: None",
+                 "from flashcourse.grading import probes", "from flashcourse.grading.checks.ch08 import routed_scale",
+                 "import flashcourse\nflashcourse.grading.probes.PROBES.clear()",
+                 "import sys\nsys.modules['flashcourse.grading.probes'].PROBES.clear()"]:
+        assert grader_use(ch02 + "\n" + code + "\n") is not None, code
+    assert grader_use(solution("ch05_triton_forward")) is None  # what the stubs import
+    cheat = body(ch02, "online_softmax", "from flashcourse.softmax import online_softmax as theirs\nreturn theirs(x, block=block)")
+    results = grade(["ch02"], submit(tmp_path, ch02_softmax=cheat + "\nimport flashcourse.grading.worker as w\n"
+                                                                    "w.Worker._judge = lambda *a, **k: None\n"))
+    assert _points(results)[0] == 0 and "ch02_softmax.py uses flashcourse.grading.worker (line" in results[0].message
+    in_place = edit(solution("ch01_naive"), "S = scale * (Q @ K.transpose(-2, -1))", "S = Q.mul_(scale) @ K.transpose(-2, -1)")
+    results = grade(["ch01"], submit(tmp_path, ch01_naive=in_place + "\ntorch.equal = lambda a, b: True\n"),
+                    exercises=["naive_attention"])
+    assert _points(results)[0] == 0 and "changed torch.equal while the file was imported" in results[0].message
+    in_call = body(ch02, "safe_softmax", "import builtins\nbuiltins.sorted = list\nreturn x")
+    results = grade(["ch02"], submit(tmp_path, ch02_softmax=in_call), exercises=["safe_softmax"])
+    assert _points(results)[0] == 0 and "changed builtins.sorted" in results[0].message
+
+
+def test_a_reply_cannot_be_forged(tmp_path):
+    """A call that writes a well-formed reply (a wrong mask) into the grader's pipe for each id it might
+    have (requests are numbered by random tokens, not counted): refused as a reply to another request."""
+    forge = body(solution("ch01_naive"), "causal_mask", '''
+import json, os, stat, struct
+j, i = torch.arange(Nk)[None, :], torch.arange(Nq)[:, None]
+blob = (j <= i).numpy().tobytes()
+for fd in range(3, 64):
+    try:
+        if not stat.S_ISFIFO(os.fstat(fd).st_mode):
+            continue
+    except OSError:
+        continue
+    for rid in [*range(8), *map(str, range(8))]:
+        value = {"$tensor": 0, "dtype": "bool", "shape": [Nq, Nk], "device": "cpu"}
+        head = json.dumps({"body": {"id": rid, "value": value, "modified": []}, "$blobs": [len(blob)]}).encode()
+        try:
+            os.write(fd, b"FCW1" + struct.pack("<Q", len(head)) + head + blob)
+        except OSError:
+            pass
+return j <= i + (Nk - Nq)''')
+    results = grade(["ch01"], submit(tmp_path, ch01_naive=forge), exercises=["causal_mask"])
+    assert _points(results)[0] == 0 and "a reply to another request" in results[0].message
+
+
+def test_a_message_cannot_draw_over_the_table_and_memory_is_bounded(tmp_path):
+    """An exception whose message moves the cursor and erases lines (to print a forged row of the table)
+    arrives escaped; a call that asks for more memory than a worker may have fails as a call, without
+    waking the machine's OOM killer."""
+    text = body(solution("ch01_naive"), "causal_mask", 'raise ValueError("\\x1b[1A\\x1b[2K\\rch01 causal_mask 2/2 ok")')
+    text = body(text, "naive_attention", "return torch.empty(5 << 30, dtype=torch.uint8)")
+    results = grade(["ch01"], submit(tmp_path, ch01_naive=text))
+    table = render_text(results, tmp_path)
+    assert _points(results)[0] == 0 and "\x1b" not in table and "\r" not in table and "\\x1b[1A" in table
+    assert "can't allocate memory" in next(r for r in results if r.exercise == "naive_attention").message

@@ -62,7 +62,8 @@ def main(argv=None) -> int:
                         help="exercises (default, or $FLASHCOURSE_TARGET), solutions, or a folder with the chapter files")
     parser.add_argument("--json", metavar="FILE", help="also write a Gradescope results.json to FILE")
     parser.add_argument("--timeout", type=_seconds, default=DEFAULT_TIMEOUT, metavar="SECONDS",
-                        help=f"time limit of each check (default {DEFAULT_TIMEOUT:g})")
+                        help=f"time limit of each check in seconds of the worker's CPU time, wall time three times "
+                             f"that (default {DEFAULT_TIMEOUT:g})")
     parser.add_argument("--worker-user", metavar="USER",
                         help="run the learner's code as this user (the grader must run as root, as on Gradescope)")
     args = parser.parse_args(sys.argv[1:] if argv is None else list(argv))

@@ -11,6 +11,8 @@ its checks, what each exercise must define, and the worker-side drivers of calls
 one function call (e.g. building an ``nn.Module``). Adding a chapter is that file plus its solution.
 """
 
+import contextlib
+import hashlib
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -77,17 +79,28 @@ class Exercise:
     """What the grader asks of one exercise besides its results.
 
     defines: the names (``f``, ``Class.method``, a kernel) that the submission file itself must define;
-    allow: qualified names of flashcourse functions it may call besides ``ALLOWED`` (the stubs' helpers).
+    allow: qualified names of flashcourse functions it may call besides ``ALLOWED`` (the stubs' helpers);
+    forbid: names of library functions that do the exercise's work and that it may not call (e.g.
+    ``softmax`` in a softmax exercise, ``run_backward``, i.e. autograd, in a backward pass);
+    instead: what to do, said when it calls one (default: write it yourself).
     """
 
     name: str
     defines: tuple
     allow: tuple = ()
+    forbid: tuple = ()
+    instead: str = ""
 
 
 # flashcourse code that any exercise may run: the grader's own helpers and what the stubs import
 ALLOWED = ("flashcourse.grading.", "flashcourse.kernels.common.load_tile", "flashcourse.kernels.common.store_tile",
            "flashcourse.kernels.common.dot")
+# what the submission may use of the grader (the stubs import them)
+GRADER_NAMES = ("require_implemented", "require_kernel_dtype")
+# library functions that compute attention, its softmax or its gradients: the exercises that are about them
+ATTENTION = ("scaled_dot_product_attention", "_scaled_dot_product_attention_math", "multi_head_attention_forward")
+SOFTMAX = ("softmax", "log_softmax", "_softmax", "_log_softmax", "special_softmax", "special_log_softmax")
+AUTOGRAD = ("run_backward", "_engine_run_backward")
 
 
 class ChapterChecks(list):
@@ -105,8 +118,9 @@ class ChapterChecks(list):
         self.exercises: dict = {}
         self.drivers: dict = {}
 
-    def exercise(self, name: str, *, defines: Optional[tuple] = None, allow: tuple = ()) -> Exercise:
-        self.exercises[name] = Exercise(name, tuple(defines or (name,)), tuple(allow))
+    def exercise(self, name: str, *, defines: Optional[tuple] = None, allow: tuple = (), forbid: tuple = (),
+                 instead: str = "") -> Exercise:
+        self.exercises[name] = Exercise(name, tuple(defines or (name,)), tuple(allow), tuple(forbid), instead)
         return self.exercises[name]
 
     def spec(self, name: str) -> Exercise:
@@ -187,10 +201,33 @@ def expect(condition: bool, message: str, hint: Optional[str] = None) -> None:
         raise CheckFailed(message, hint)
 
 
+_OFFSET = [0]  # added to every seed of a check while one submission file is graded (see ``seeded``)
+
+
+@contextlib.contextmanager
+def seeded(source: Optional[str]):
+    """While one submission file is graded, every seed of its checks is offset by a hash of its text: the
+    same file always gets the same inputs (and the same score), and no file can hold the answers to its
+    own inputs (they change with every character of it)."""
+    _OFFSET[0] = int(hashlib.sha256(source.encode()).hexdigest()[:6], 16) * 1000 if source else 0
+    try:
+        yield
+    finally:
+        _OFFSET[0] = 0
+
+
+def _generator(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed + _OFFSET[0])
+
+
 def randn(*shape, seed: int, dtype=torch.float32, scale: float = 1.0) -> torch.Tensor:
-    """Reproducible N(0, scale²) samples in ``dtype``, drawn in float64."""
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dtype)
+    """Reproducible N(0, scale²) samples in ``dtype``, drawn in float64 (seeded per submission, see ``seeded``)."""
+    return (torch.randn(*shape, generator=_generator(seed), dtype=torch.float64) * scale).to(dtype)
+
+
+def uniform(low: float, high: float, *, seed: int) -> float:
+    """A reproducible number in [low, high) (seeded per submission, see ``seeded``)."""
+    return low + (high - low) * torch.rand((), generator=_generator(seed), dtype=torch.float64).item()
 
 
 def qkv(B, H, Nq, Nk, d, *, seed: int, dtype=torch.float32, scale: float = 1.0):

@@ -8,6 +8,12 @@ every process that carries the worker's token in its environment, until a scan o
 alive; then it reaps them. Elsewhere (macOS) the worker leads its own session and the grader kills
 that process group: a descendant that calls ``os.setsid`` there escapes (see exercises/README.md).
 
+A forked worker may allocate MEMORY_LIMIT bytes more than the zygote held (RLIMIT_DATA): a memory bomb
+is a MemoryError in the learner's call, not the machine's OOM killer. Workers run with a fixed string
+hash seed, and the grader reads their replies through a short queue (a worker that floods its pipe
+waits). A zygote that stops answering (the learner's code, running as the grader's user, stopped it)
+is replaced.
+
 Starting Python and importing torch costs seconds, so on a machine without a GPU the workers are
 forked from a ``Zygote``: a process that has imported torch, Triton and the grader but never runs
 learner code, and that forks a fresh worker on request (setting its session, user and environment).
@@ -37,6 +43,10 @@ from . import wire
 LINUX = sys.platform.startswith("linux")
 PR_SET_DUMPABLE, PR_SET_CHILD_SUBREAPER, PR_GET_CHILD_SUBREAPER = 4, 36, 37
 TOKEN_VARIABLE = "FLASHCOURSE_GRADING_WORKER"
+ZYGOTE_TIMEOUT = 30.0  # seconds for the zygote to answer a request
+MEMORY_LIMIT = 4 << 30  # bytes of memory a forked worker may allocate (then MemoryError, not the OOM killer)
+# the same submission runs the same way every time: string hashing (set order), cuBLAS reductions
+DETERMINISTIC_ENV = {"PYTHONHASHSEED": "0", "CUBLAS_WORKSPACE_CONFIG": ":4096:8"}
 
 
 def _prctl(option: int, value: int) -> bool:
@@ -96,11 +106,15 @@ def _children(pid: int) -> set:
     return {p for p, (ppid, _) in _process_table().items() if ppid == pid} if LINUX else set()
 
 
-def kill_tree(root: int, token: str, spared: set) -> None:
+def kill_tree(root: int, token: str, spared: set, patience: float = 60.0) -> None:
     """Kill ``root``, its descendants, the grader's orphans not in ``spared`` and the carriers of
-    ``token``; reap those that are the grader's children. Linux only (see the module docstring)."""
+    ``token``; reap those that are the grader's children. Linux only (see the module docstring).
+
+    A killed process may take a while to go (freeing gigabytes, dumping core): scan again, more and
+    more slowly, for up to ``patience`` seconds."""
     me = os.getpid()
-    for _ in range(100):
+    deadline, pause = time.monotonic() + patience, 0.001
+    while True:
         table = _process_table()
         targets = {root} & set(table)
         targets |= {p for p, (ppid, _) in table.items() if ppid == me and p not in spared}
@@ -122,7 +136,11 @@ def kill_tree(root: int, token: str, spared: set) -> None:
                 _reap(p)
         if not alive:
             return
-    raise RuntimeError("could not stop the processes the learner's code started")
+        if time.monotonic() > deadline:
+            raise StillRunning(f"could not stop the processes that the learner's code started ({sorted(alive)}) "
+                               f"within {patience:g} s")
+        time.sleep(pause)
+        pause = min(2 * pause, 0.1)
 
 
 def _reap(pid: int, wait: float = 5.0) -> None:
@@ -135,6 +153,10 @@ def _reap(pid: int, wait: float = 5.0) -> None:
         if done or time.monotonic() > deadline:
             return
         time.sleep(0.002)
+
+
+class StillRunning(RuntimeError):
+    """Processes started by the learner's code that would not die: no report may be written."""
 
 
 class WorkerDied(Exception):
@@ -168,19 +190,29 @@ class Zygote:
         self.socket = ours
         self.process = subprocess.Popen(_boot(repo_root, "procs") + [str(theirs.fileno())], pass_fds=[theirs.fileno()],
                                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                        start_new_session=True)
+                                        start_new_session=True, env={**os.environ, **DETERMINISTIC_ENV})
         theirs.close()
         self.lines = self.socket.makefile("r")
+        self.broken = False
 
     def alive(self) -> bool:
-        return self.process.poll() is None
+        return not self.broken and self.process.poll() is None
 
-    def _ask(self, message: dict, fds=()) -> dict:
-        socket.send_fds(self.socket, [json.dumps(message).encode() + b"\n"], list(fds))
-        line = self.lines.readline()
-        if not line:
-            raise OSError("the zygote is gone")
-        return json.loads(line)
+    def _ask(self, message: dict, fds=(), timeout: float = ZYGOTE_TIMEOUT) -> dict:
+        """The zygote's answer; OSError when it does not answer in time (e.g. the learner's code, running as
+        the grader's user, stopped it), and the zygote is then replaced by a fresh one on next use."""
+        try:
+            self.socket.settimeout(timeout)
+            socket.send_fds(self.socket, [json.dumps(message).encode() + b"\n"], list(fds))
+            line = self.lines.readline()
+            if not line:
+                raise OSError("the zygote is gone")
+            return json.loads(line)
+        except (OSError, ValueError):
+            self.broken = True
+            self.process.kill()
+            self.process.wait()
+            raise OSError("the zygote did not answer") from None
 
     def fork(self, fds, **options) -> int:
         return int(self._ask({"op": "fork", **options}, fds)["pid"])
@@ -188,13 +220,24 @@ class Zygote:
     def wait(self, pid: int, timeout: float = 5.0) -> Optional[int]:
         """The exit status of a worker (negative: the signal that killed it), reaped by the zygote."""
         try:
-            return self._ask({"op": "wait", "pid": pid, "timeout": timeout}).get("status")
+            return self._ask({"op": "wait", "pid": pid, "timeout": timeout}, timeout=timeout + ZYGOTE_TIMEOUT).get("status")
         except OSError:
             return None
 
 
 def _status(raw: int) -> int:
     return -os.WTERMSIG(raw) if os.WIFSIGNALED(raw) else os.WEXITSTATUS(raw)
+
+
+def _limit_memory() -> None:
+    """Let this process allocate at most MEMORY_LIMIT more bytes (Linux counts private mappings in RLIMIT_DATA)."""
+    if not LINUX:
+        return
+    import resource
+
+    with open("/proc/self/status") as f:
+        used = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmData:"))
+    resource.setrlimit(resource.RLIMIT_DATA, (used + MEMORY_LIMIT, used + MEMORY_LIMIT))
 
 
 def _child(options: dict, request_fd: int, reply_fd: int, control: socket.socket) -> None:
@@ -207,6 +250,7 @@ def _child(options: dict, request_fd: int, reply_fd: int, control: socket.socket
         os.closerange(3, 1 << 16)
         os.chdir(options["scratch"])
         os.environ.update(options["env"])
+        _limit_memory()
         if options.get("user"):
             uid, gid = options["user"]
             os.setgroups([])
@@ -296,7 +340,7 @@ class WorkerProcess:
         self.pid = None
         self.token = secrets.token_hex(8)
         self.scratch = Path(tempfile.mkdtemp(prefix="flashcourse-worker-"))
-        env = {**os.environ, TOKEN_VARIABLE: self.token, "PYTHONDONTWRITEBYTECODE": "1",
+        env = {**os.environ, **DETERMINISTIC_ENV, TOKEN_VARIABLE: self.token, "PYTHONDONTWRITEBYTECODE": "1",
                "TMPDIR": str(self.scratch)}
         env.pop("PYTHONSTARTUP", None)
         kwargs = {}
@@ -313,9 +357,15 @@ class WorkerProcess:
             request_r, request_w = os.pipe()
             reply_r, reply_w = os.pipe()
             user_ids = [kwargs["user"], kwargs["group"]] if kwargs else None
+            options = {"scratch": str(self.scratch), "user": user_ids,
+                       "env": {k: env[k] for k in env if os.environ.get(k) != env[k]}}
             try:
-                self.pid = self.zygote.fork([request_r, reply_w], scratch=str(self.scratch), user=user_ids,
-                                            env={k: env[k] for k in env if os.environ.get(k) != env[k]})
+                try:
+                    self.pid = self.zygote.fork([request_r, reply_w], **options)
+                except OSError:  # a zygote that the previous worker broke: once more with a fresh one
+                    self.zygote = zygote(repo_root)
+                    self.spared |= _children(os.getpid())
+                    self.pid = self.zygote.fork([request_r, reply_w], **options)
             finally:
                 os.close(request_r)
                 os.close(reply_w)
@@ -325,20 +375,29 @@ class WorkerProcess:
                                             stderr=subprocess.DEVNULL, cwd=self.scratch, env=env,
                                             start_new_session=True, **kwargs)
             self.pid, self.requests, replies = self.process.pid, self.process.stdin, self.process.stdout
-        self.replies = queue.Queue()
-        threading.Thread(target=self._read, args=(replies, self.replies), daemon=True).start()
+        # a short queue: a worker that floods its pipe waits for the grader instead of filling its memory
+        self.replies, self.closed = queue.Queue(maxsize=2), threading.Event()
+        threading.Thread(target=self._read, args=(replies, self.replies, self.closed), daemon=True).start()
 
     @staticmethod
-    def _read(stream, replies) -> None:
-        """The reader thread: frames into ``replies`` until EOF; it alone closes the reply pipe (closing
-        it from another thread would wait for this read, i.e. for whatever still holds the pipe)."""
+    def _read(stream, replies, closed) -> None:
+        """The reader thread: frames into ``replies`` until EOF or ``closed``; it alone closes the reply pipe
+        (closing it from another thread would wait for this read, i.e. for whatever still holds the pipe)."""
+
+        def put(item) -> None:
+            while not closed.is_set():
+                try:
+                    return replies.put(item, timeout=0.1)
+                except queue.Full:
+                    pass
+
         try:
-            while True:
-                replies.put(wire.read_frame(stream))
+            while not closed.is_set():
+                put(wire.read_frame(stream))
         except (EOFError, OSError, ValueError):
-            replies.put(None)
+            put(None)
         except wire.ProtocolError as e:
-            replies.put(e)
+            put(e)
         finally:
             stream.close()
 
@@ -360,6 +419,15 @@ class WorkerProcess:
             raise WorkerDied(self._exit_status())
         return frame
 
+    def cpu_seconds(self) -> Optional[float]:
+        """The CPU time (user and system, all threads) the worker has used so far; None where /proc is not."""
+        try:
+            with open(f"/proc/{self.pid}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        except (OSError, IndexError, ValueError, TypeError):
+            return None
+
     def _exit_status(self):
         if self.zygote is not None:
             return self.zygote.wait(self.pid)
@@ -372,6 +440,7 @@ class WorkerProcess:
         """Kill the worker and everything it started, and wait until they are gone."""
         if self.pid is None:
             return
+        self.closed.set()
         if LINUX:
             kill_tree(self.pid, self.token, self.spared | {self.zygote.process.pid} if self.zygote else self.spared)
         else:

@@ -9,8 +9,12 @@ worker for the checks that remain. When a chapter ends, its worker and everythin
 killed and reaped before the next chapter (and before any report is written).
 """
 
+import ast
 import contextlib
+import importlib.util
 import os
+import re
+import secrets
 import signal
 import sys
 import time
@@ -22,13 +26,17 @@ import torch
 
 from . import wire
 from .checks import all_chapters, chapter_ids
-from .framework import STUB_SUFFIX, CheckFailed
-from .procs import WorkerDied, WorkerProcess, WorkerTimeout, subreaper
+from .framework import GRADER_NAMES, STUB_SUFFIX, CheckFailed, seeded
+from .procs import StillRunning, WorkerDied, WorkerProcess, WorkerTimeout, subreaper
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_TIMEOUT = 60.0  # seconds per check (the slowest takes a few on a 2-core CPU)
+DEFAULT_TIMEOUT = 60.0  # seconds of the worker's CPU time per check (the slowest takes a few on a 2-core CPU)
+WALL_FACTOR = 3  # ... and of wall time, this many times as long (a check that sleeps; a machine that is busy)
+POLL = 0.25  # seconds between two looks at the worker's CPU time
 START_TIMEOUT = 300.0  # seconds for a worker to import torch and Triton (the first time is slow)
 MAX_OUTPUT = 2000  # characters of captured learner output kept per check
+MAX_SOURCE = 4 << 20  # bytes of a submission file
+MAX_GUARDED = 32  # tensors guarded one at a time to find the one a crashed kernel read past
 
 
 class TargetError(Exception):
@@ -90,6 +98,58 @@ def resolve_target(target=None) -> Path:
     return path.resolve()
 
 
+# --- the submission's text ------------------------------------------------------------------------
+
+def read_source(path: Path) -> tuple:
+    """(text, why not) of a submission file: (None, None) when it is missing, (None, reason) when it is no
+    Python text. The grader reads it; the worker compiles exactly this text."""
+    try:
+        if not path.is_file():
+            return None, None
+        data = path.read_bytes()[: MAX_SOURCE + 1]
+    except OSError as e:
+        return None, f"it cannot be read ({e.strerror})"
+    if len(data) > MAX_SOURCE:
+        return None, f"it is larger than {MAX_SOURCE >> 20} MiB"
+    try:
+        return importlib.util.decode_source(data), None
+    except (UnicodeDecodeError, SyntaxError) as e:
+        return None, f"it is not UTF-8 text ({e})"
+
+
+_GRADER_TEXT = re.compile(r"flashcourse\.grading\b(?!\.(?:%s)\b)" % "|".join(GRADER_NAMES))
+
+
+def grader_use(source: str):
+    """(line, what) of the first place where a submission's text uses the grader beyond GRADER_NAMES (its
+    modules, checks, probes or worker), or None. Read here, in the grader: no code of the submission runs."""
+    try:
+        tree = ast.parse(source)
+    except (SyntaxError, ValueError):
+        return None
+    parents = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
+    for node in ast.walk(tree):
+        line = getattr(node, "lineno", 0)
+        if isinstance(node, ast.Import):
+            used = [a.name for a in node.names if a.name.startswith("flashcourse.grading.")]
+        elif isinstance(node, ast.ImportFrom):
+            module = node.module or ""
+            names = [a.name for a in node.names]
+            used = ([module] if module.startswith("flashcourse.grading.") else
+                    [f"{module}.{n}" for n in names if n not in GRADER_NAMES] if module == "flashcourse.grading" else
+                    ["flashcourse.grading"] if module == "flashcourse" and "grading" in names else [])
+        elif isinstance(node, ast.Attribute) and node.attr == "grading":
+            above = parents.get(node)
+            used = [] if isinstance(above, ast.Attribute) and above.attr in GRADER_NAMES else [f"….grading.{getattr(above, 'attr', '')}".rstrip(".")]
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and _GRADER_TEXT.search(node.value):
+            used = [_GRADER_TEXT.search(node.value).group()]
+        else:
+            used = []
+        if used:
+            return line, used[0]
+    return None
+
+
 # --- the parent's side of a call -----------------------------------------------------------------
 
 class Session:
@@ -100,11 +160,22 @@ class Session:
     """
 
     def __init__(self, target: Path, chapter: str, *, isolate: bool = True, user: Optional[str] = None):
+        from .checks import chapter as chapter_checks
+
         self.target, self.chapter, self.isolate, self.user = target, chapter, isolate, user
+        self.file = f"{chapter_checks(chapter).file}.py"
+        self.source, self.unreadable = read_source(Path(target) / self.file)
         self.process = None
         self.local = None
-        self.next_id = self.first_id = 0
+        self.request_id, self.answered = None, False  # answered: the process has answered a call before
+        self.cpu_spent = self.cpu_seen = 0.0
         self.disqualified = {}  # exercise (or None: the whole file) -> CheckFailed to repeat
+        used = grader_use(self.source) if self.source is not None else None
+        if used:
+            self.disqualified[None] = CheckFailed(
+                f"{self.file} uses {used[1]} (line {used[0]}): a submission may use only "
+                f"{' and '.join(GRADER_NAMES)} of the grader",
+                "remove it: your functions run in a process of their own, and the grader checks what they return")
 
     def _start(self) -> None:
         try:
@@ -112,7 +183,9 @@ class Session:
         except OSError as e:
             who = f" as {self.user} (who must be able to run {sys.executable} and read the course)" if self.user else ""
             raise TargetError(f"the grading worker process did not start{who}: {e}") from None
-        self.process.send({"target": str(self.target), "chapter": self.chapter})
+        self.process.send({"target": str(self.target), "chapter": self.chapter, "source": self.source,
+                           "unreadable": self.unreadable})
+        self.answered = False
         try:
             header, blobs = self.process.receive(START_TIMEOUT)
         except (WorkerDied, WorkerTimeout, wire.ProtocolError):
@@ -124,29 +197,42 @@ class Session:
 
     def stop(self) -> None:
         if self.process is not None:
+            self.cpu_spent, self.cpu_seen = self.cpu_used(), 0.0
             self.process.stop()
         self.process = None
 
-    def request(self, message: dict, deadline: float, device: str) -> tuple:
+    def cpu_used(self) -> float:
+        """CPU seconds used by this session's workers so far (the last one as last seen, if it is gone)."""
+        if self.process is not None:
+            seen = self.process.cpu_seconds()
+            self.cpu_seen = seen if seen is not None else self.cpu_seen
+        return self.cpu_spent + self.cpu_seen
+
+    def request(self, message: dict, budget: "Budget", device: str) -> tuple:
         """(reply dict, input names) of one call; WorkerTimeout / WorkerDied / ProtocolError otherwise."""
-        self.next_id += 1
-        message = {**message, "id": self.next_id}
+        self.request_id = secrets.token_hex(8)  # a reply cannot be forged by counting the calls
+        message = {**message, "id": self.request_id}
         if not self.isolate:
             return self._local(message, device)
         if self.process is None:
             self._start()
-            self.first_id = self.next_id
         self.process.send(message)
         names, started = [], False
         while True:
             try:
-                header, blobs = self.process.receive(deadline - time.monotonic())
+                wait = budget.left()
+                if wait <= 0:
+                    raise WorkerTimeout
+                try:
+                    header, blobs = self.process.receive(wait)
+                except WorkerTimeout:
+                    continue  # look at the budget again
             except WorkerDied as e:
                 e.inputs = names
                 self.stop()
                 raise
             except WorkerTimeout as e:
-                e.importing = not started and self.next_id == self.first_id  # the learner's file never loaded
+                e.importing = not started and not self.answered  # the learner's file never loaded
                 self.stop()
                 raise
             except wire.ProtocolError:
@@ -157,20 +243,22 @@ class Session:
             except wire.ProtocolError:
                 self.stop()
                 raise
-            if not isinstance(reply, dict) or reply.get("id") != self.next_id:
+            if not isinstance(reply, dict) or reply.get("id") != self.request_id:
                 self.stop()
                 raise wire.ProtocolError("a reply to another request")
             if "inputs" in reply:  # the module is loaded, the call begins
                 names = [str(n) for n in reply["inputs"]] if isinstance(reply["inputs"], list) else []
                 started = True
                 continue
+            self.answered = True
             return reply, names
 
     def _local(self, message: dict, device: str) -> tuple:
         from .worker import Worker
 
         if self.local is None:
-            self.local = Worker(self.target, self.chapter, guard_pages=False)
+            self.local = Worker(self.target, self.chapter, self.source, unreadable=self.unreadable, isolate=False)
+        message = {**message, "guard": {"only": []}}  # no guard pages in this process: slack after each tensor
         replies = []
         send = lambda reply: replies.append(wire.through(reply, place=_expect_device(device)))  # noqa: E731
         self.local.handle(wire.through(message, layout=True), send)
@@ -187,6 +275,23 @@ def _expect_device(device: str):
     return place
 
 
+class Budget:
+    """The time limit of one check: ``seconds`` of the workers' CPU time (what the learner's code computes,
+    the same on a busy machine as on an idle one) and WALL_FACTOR times as many seconds of wall time."""
+
+    def __init__(self, session: Session, seconds: float):
+        self.session, self.seconds = session, seconds
+        self.cpu = session.cpu_used() if session.isolate else 0.0
+        self.wall = time.monotonic() + WALL_FACTOR * seconds
+
+    def left(self) -> float:
+        """Seconds to wait for a reply before looking again; 0 once the budget is spent."""
+        now = time.monotonic()
+        if now >= self.wall or self.session.cpu_used() - self.cpu >= self.seconds:
+            return 0.0
+        return min(POLL, self.wall - now)
+
+
 class Submission:
     """The learner's module as a check sees it: ``m.name(*args)`` runs ``name`` in the worker.
 
@@ -195,8 +300,8 @@ class Submission:
     ``m.run(driver, *args)`` runs a driver of the chapter on the learner's module.
     """
 
-    def __init__(self, session: Session, check, deadline: float, output: list):
-        self._session, self._check, self._deadline, self._output = session, check, deadline, output
+    def __init__(self, session: Session, check, budget: Budget, output: list):
+        self._session, self._check, self._budget, self._output = session, check, budget, output
 
     def __getattr__(self, name: str):
         if name.startswith("_"):
@@ -220,7 +325,7 @@ class _Remote:
         device = tensors[0].device.type if tensors else "cpu"
         message = {**self._target, "exercise": sub._check.exercise, "args": list(args), "kwargs": kwargs,
                    "device": device, "probe": self._probe}
-        reply = _ask(sub._session, message, sub._deadline, device)
+        reply = _ask(sub._session, message, sub._budget, device)
         sub._output.append(str(reply.get("output", "")))
         failure = reply.get("failure")
         if failure is not None:
@@ -243,40 +348,68 @@ class WorkerCrash(Exception):
     """The worker died during a check; the message says how, in the learner's terms."""
 
 
-def _ask(session: Session, message: dict, deadline: float, device: str) -> dict:
+def _ask(session: Session, message: dict, budget: Budget, device: str) -> dict:
     """The reply to one call; on a crash on the CPU, find the input read past its end."""
     try:
-        reply, _ = session.request(message, deadline, device)
+        reply, _ = session.request(message, budget, device)
         return reply
     except WorkerDied as e:
-        raise WorkerCrash(_crash_message(session, message, deadline, device, e)) from None
+        raise WorkerCrash(_crash_message(session, message, budget, device, e)) from None
     except wire.ProtocolError as e:
         raise WorkerCrash(f"the worker sent something that is not a result ({e}): does your code write to "
                           f"file descriptors it did not open?") from None
 
 
-def _crash_message(session, message, deadline, device, died: WorkerDied) -> str:
-    status, names = died.status, getattr(died, "inputs", [])
+def _crash_message(session, message, budget, device, died: WorkerDied) -> str:
+    status = died.status
     if status is None:
         return "the worker stopped answering during this check (did your code close its pipes or file descriptors?)"
+    if status == 70:  # procs: the worker itself failed, after the learner's code had run in it
+        return ("the grading process broke down during this check (exit status 70): did your code change Python, "
+                "torch or the grader?")
     if status >= 0:
         return (f"your code ended the grading process (exit status {status}, e.g. os._exit() or a "
                 f"crashed thread) during this check")
     signame = signal.Signals(-status).name if -status in signal.Signals._value2member_map_ else "a signal"
-    if device == "cpu" and status in (-signal.SIGSEGV, -signal.SIGBUS) and session.isolate and names:
-        for index, name in enumerate(names):
-            try:
-                session.request({**message, "guard": [index]}, deadline, device)
-            except WorkerDied:
-                return (f"read past the end of {name} (the process crashed with {signame}): a load without "
-                        f"a mask, or a mask that lets offsets >= the length through")
-            except (WorkerTimeout, wire.ProtocolError):
-                break
-    return f"the worker process was killed by {signame} during this check (a crash in native code?)"
+    native = f"the worker process was killed by {signame} during this check (a crash in native code?)"
+    if device != "cpu" or status not in (-signal.SIGSEGV, -signal.SIGBUS) or not session.isolate:
+        return native
+    # the call again with room after every tensor instead of a guard page: if it still crashes, it is no
+    # access past the end of a tensor; if not, guard one tensor of its kernels at a time, the guard page
+    # unreadable, then only unwritable (a crash then is a store)
+    try:
+        reply = session.request({**message, "guard": {"only": []}}, budget, device)[0]
+    except WorkerDied:
+        return (f"the worker process was killed by {signame} during this check, also with room after every tensor "
+                f"its kernels got (a crash in native code, or a recursion too deep?)")
+    except (WorkerTimeout, wire.ProtocolError):
+        return native
+    names = reply.get("launch_args") if isinstance(reply.get("launch_args"), list) else []
+    for index, name in enumerate(names[:MAX_GUARDED]):
+        try:
+            session.request({**message, "guard": {"only": [index]}}, budget, device)
+            continue
+        except WorkerDied:
+            pass
+        except (WorkerTimeout, wire.ProtocolError):
+            break
+        try:
+            session.request({**message, "guard": {"only": [index], "write": True}}, budget, device)
+            wrote = False
+        except WorkerDied:
+            wrote = True
+        except (WorkerTimeout, wire.ProtocolError):
+            wrote = False
+        return (f"{'wrote' if wrote else 'read'} past the end of {name} (the process crashed with {signame}): "
+                f"a {'store' if wrote else 'load'} without a mask, or a mask that lets offsets >= the length through")
+    return native
 
 
 def _failure(record: dict, session: Session, check) -> Exception:
     """The exception a worker's failure record becomes in the check (and is remembered for the next)."""
+    from .checks import chapter
+
+    chapter_checks = chapter(check.chapter) if check.chapter in chapter_ids() else None
     kind, file = str(record.get("kind")), str(record.get("file", ""))
     name = str(record.get("name", check.exercise))
     line = record.get("line")
@@ -294,8 +427,8 @@ def _failure(record: dict, session: Session, check) -> Exception:
         failure = CheckFailed(f"{file} is missing from {record.get('folder')}",
                               f"the grader looks for {file} in the target folder; keep the exercise file names")
     elif kind == "unreadable":
-        failure = CheckFailed(f"the worker (uid {record.get('uid')}) cannot read {file} in {record.get('folder')}",
-                              "give the worker's user read access to the submission, e.g. chmod -R a+rX FOLDER")
+        failure = CheckFailed(f"{file} in {record.get('folder')} cannot be graded: {record.get('message')}",
+                              f"save {file} as UTF-8 Python text, readable by the grader")
     elif kind == "syntax":
         failure = CheckFailed(f"could not import {file}: SyntaxError: {record.get('message')}{at}",
                               f"fix the syntax error at line {line} of {file} (python -m py_compile {file} shows it)")
@@ -315,9 +448,12 @@ def _failure(record: dict, session: Session, check) -> Exception:
                               f"and may run only code of {file}, flashcourse's helpers and installed libraries",
                               f"write {name} in {file} itself")
     elif kind == "forbidden":
-        failure = CheckFailed(f"{name} calls {record.get('calls')}: this exercise is to write it yourself, "
-                              f"without the package's implementation",
-                              "use torch operations (or tl. in a kernel) and the helpers the exercise file imports")
+        whose = "a library's" if record.get("library") else "the package's"
+        instead = chapter_checks.spec(check.exercise).instead if chapter_checks else ""
+        failure = CheckFailed(f"{name} calls {record.get('calls')}: "
+                              f"{instead or f'this exercise is to write it yourself, without {whose} implementation'}",
+                              "write it with torch's elementary operations (or tl. in a kernel) and the helpers the "
+                              "exercise file imports")
     elif kind == "unused":
         failure = CheckFailed(f"the call never ran {name} of {file}",
                               f"the given code must call your {name}, as the exercise file does")
@@ -325,11 +461,29 @@ def _failure(record: dict, session: Session, check) -> Exception:
         failure = CheckFailed(f"{record.get('call')} never launched {record.get('kernel')}: the launcher must run "
                               f"your kernel", "keep the given launcher as it is and write the kernel's body")
     elif kind == "not_written":
-        failure = CheckFailed(f"{record.get('call')} returned a tensor that {record.get('kernel')} did not write",
-                              "keep the given launcher: it returns the tensors your kernel stores into")
+        failure = CheckFailed(f"{record.get('call')} returned a tensor that {record.get('kernel')} did not write, or that "
+                              f"changed after it wrote it", "keep the given launcher: it returns the tensors your kernel "
+                                                            "stores into, as the kernel left them")
+    elif kind == "torch_work":
+        failure = CheckFailed(f"{record.get('call')} computed with torch ({record.get('op')}) outside the kernel: "
+                              f"in a kernel exercise the kernel computes", "keep the given launcher: it only allocates, "
+                                                                            "reshapes and launches; compute in the kernel")
+    elif kind == "overrun":
+        failure = CheckFailed(f"wrote past the end of {record.get('arg')} (the bytes after it changed): a store without "
+                              f"a mask, or a mask that lets offsets >= the length through")
+    elif kind == "tampered":
+        during = " while the file was imported" if record.get("importing") else ""
+        failure = CheckFailed(f"your code changed {record.get('name')}{during}: the grader relies on it",
+                              "leave Python's builtins, torch, numpy, Triton, flashcourse and the grader as they are")
+    elif kind == "refused":
+        during = "while the file was imported" if record.get("importing") else f"in {name}"
+        failure = CheckFailed(f"your code {record.get('what')} ({record.get('event')}) {during}: the grader does not let "
+                              f"exercises do that", "compute with torch (or tl. in a kernel) in the function itself: "
+                                                    "no threads, processes, files, ctypes or frames")
     else:
         return CheckFailed(f"the worker sent an unknown failure {kind!r}")
-    session.disqualified[None if kind in ("missing_file", "unreadable", "syntax", "import") else check.exercise] = failure
+    whole = kind in ("missing_file", "unreadable", "syntax", "import") or record.get("importing")
+    session.disqualified[None if whole else check.exercise] = failure
     return failure
 
 
@@ -352,7 +506,8 @@ def run_check(session: Session, check, timeout: float, chapter_checks) -> Result
         if repeated is not None:
             raise repeated
         torch.manual_seed(0)
-        check.run(Submission(session, check, start + timeout, output))
+        with seeded(session.source):  # the inputs of this very file: the same every time, unknown before
+            check.run(Submission(session, check, Budget(session, timeout), output))
         result.earned = check.points
     except CheckFailed as e:
         result.status, result.message = "failed", str(e)
@@ -362,8 +517,8 @@ def run_check(session: Session, check, timeout: float, chapter_checks) -> Result
         result.message = not_implemented_message(chapter_checks, check.exercise, session.target)
     except WorkerTimeout as e:
         result.status = "timed out"
-        result.message = (f"no result within the time limit of {timeout:g} s: an endless loop, or a loop "
-                          f"whose end is never reached?")
+        result.message = (f"no result within the time limit of {timeout:g} s of computing ({WALL_FACTOR * timeout:g} s "
+                          f"in all): an endless loop, or a loop whose end is never reached?")
         if getattr(e, "importing", False):
             file = f"{chapter_checks.file}.py"
             result.message = f"importing {file} did not finish within the time limit of {timeout:g} s"
@@ -372,6 +527,8 @@ def run_check(session: Session, check, timeout: float, chapter_checks) -> Result
             session.disqualified[None] = CheckFailed(f"importing {file} timed out in an earlier check", result.hint)
     except WorkerCrash as e:
         result.status, result.message = "error", str(e)
+    except StillRunning:
+        raise
     except Exception as e:  # noqa: BLE001  (a result of a shape no check foresaw must not stop the grading)
         result.status = "failed"
         result.message = f"the result could not be checked ({type(e).__name__}: {str(e)[:200]})"

@@ -12,6 +12,7 @@ worker sends, the grader gets numbers, strings, lists, tuples, dicts and plain t
 
 import json
 import math
+import re
 import struct
 from dataclasses import dataclass
 from typing import Optional
@@ -19,9 +20,14 @@ from typing import Optional
 import torch
 
 MAGIC = b"FCW1"
-MAX_HEADER = 8 << 20  # bytes of JSON
-MAX_BLOBS = 1 << 28  # bytes of tensor data in one message (the largest result of a check is ~1 MiB)
+MAX_HEADER = 1 << 20  # bytes of JSON in a reply (messages and printed output are capped far below)
+MAX_BLOBS = 1 << 26  # bytes of tensor data in a reply (the largest result of a check is ~1 MiB)
+TRUSTED_HEADER, TRUSTED_BLOBS = 1 << 26, 1 << 30  # the grader's requests: the source text, the inputs
+MAX_DIM = 1 << 31  # elements along one dim of a tensor
 MAX_DEPTH = 16
+# characters that a terminal or a viewer would act on instead of showing: controls (but tab and newline),
+# DEL and C1, zero-width and bidirectional marks; a worker's strings show them escaped
+_UNPRINTABLE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200b-\u200f\u2028-\u202e\u2060-\u2069\ufeff]")
 
 DTYPES = {str(d).replace("torch.", ""): d for d in (
     torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.bool,
@@ -113,6 +119,11 @@ def write_message(stream, obj, *, layout: bool = False) -> None:
 
 # --- decoding (the grader side trusts nothing) -------------------------------------------------
 
+def printable(text: str) -> str:
+    """``text`` with every character that a terminal would act on (ESC, CR, bidi marks, ...) escaped."""
+    return _UNPRINTABLE.sub(lambda m: f"\\x{ord(m.group()):02x}" if ord(m.group()) < 0x100 else f"\\u{ord(m.group()):04x}", text)
+
+
 def _read_exactly(stream, n: int) -> bytes:
     data = bytearray()
     while len(data) < n:
@@ -123,7 +134,7 @@ def _read_exactly(stream, n: int) -> bytes:
     return bytes(data)
 
 
-def read_frame(stream, *, max_blobs: int = MAX_BLOBS) -> tuple:
+def read_frame(stream, *, max_header: int = MAX_HEADER, max_blobs: int = MAX_BLOBS) -> tuple:
     """The next (header, blobs) of ``stream``; EOFError at the end, ProtocolError if malformed."""
     head = stream.read(len(MAGIC) + 8)
     if not head:
@@ -133,11 +144,11 @@ def read_frame(stream, *, max_blobs: int = MAX_BLOBS) -> tuple:
     if head[: len(MAGIC)] != MAGIC:
         raise ProtocolError("a message without the protocol's marker")
     (size,) = struct.unpack("<Q", head[len(MAGIC):])
-    if size > MAX_HEADER:
+    if size > max_header:
         raise ProtocolError(f"a header of {size} bytes")
     try:
         header = json.loads(_read_exactly(stream, size))
-    except (UnicodeDecodeError, ValueError):
+    except (UnicodeDecodeError, ValueError, RecursionError):  # RecursionError: JSON nested too deeply
         raise ProtocolError("a header that is not JSON") from None
     sizes = header.get("$blobs") if isinstance(header, dict) else None
     if not isinstance(sizes, list) or not all(type(s) is int and s >= 0 for s in sizes) or sum(sizes) > max_blobs:
@@ -145,13 +156,19 @@ def read_frame(stream, *, max_blobs: int = MAX_BLOBS) -> tuple:
     return header.get("body"), [_read_exactly(stream, s) for s in sizes]
 
 
-def decode(header, blobs, place=None):
-    """Plain data from a header and its blobs (tensors on the CPU unless ``place`` moves them)."""
+def decode(header, blobs, place=None, *, clean: bool = True):
+    """Plain data from a header and its blobs (tensors on the CPU unless ``place`` moves them).
+
+    clean: escape the unprintable characters of every string (a worker's strings reach a terminal);
+    False for the grader's own requests (they carry the submission's source text)."""
+    text = printable if clean else str
 
     def dec(x, depth):
         if depth > MAX_DEPTH:
             raise ProtocolError("a structure nested too deeply")
-        if x is None or type(x) in (bool, int, float, str):
+        if type(x) is str:
+            return text(x)
+        if x is None or type(x) in (bool, int, float):
             return x
         if type(x) is list:
             return [dec(v, depth + 1) for v in x]
@@ -163,10 +180,10 @@ def decode(header, blobs, place=None):
         if "$tuple" in x and type(x["$tuple"]) is list:
             return tuple(dec(v, depth + 1) for v in x["$tuple"])
         if "$dict" in x and type(x["$dict"]) is dict:
-            return {str(k): dec(v, depth + 1) for k, v in x["$dict"].items()}
+            return {text(k): dec(v, depth + 1) for k, v in x["$dict"].items()}
         if "$object" in x:
-            return Opaque(str(x["$object"])[:80], str(x.get("reason", ""))[:200])
-        return {str(k): dec(v, depth + 1) for k, v in x.items()}  # the protocol's own records
+            return Opaque(text(str(x["$object"])[:80]), text(str(x.get("reason", ""))[:200]))
+        return {text(k): dec(v, depth + 1) for k, v in x.items()}  # the protocol's own records
 
     return dec(header, 0)
 
@@ -175,7 +192,7 @@ def _tensor(entry: dict, blobs: list) -> torch.Tensor:
     index, dtype, shape = entry.get("$tensor"), DTYPES.get(entry.get("dtype")), entry.get("shape")
     if type(index) is not int or not 0 <= index < len(blobs) or dtype is None:
         raise ProtocolError("a tensor with an unknown dtype or no data")
-    if type(shape) is not list or len(shape) > 8 or not all(type(s) is int and 0 <= s for s in shape):
+    if type(shape) is not list or len(shape) > 8 or not all(type(s) is int and 0 <= s < MAX_DIM for s in shape):
         raise ProtocolError("a tensor with an invalid shape")
     order = entry.get("order")
     if order is not None and (type(order) is not list or sorted(order) != list(range(len(shape)))):
@@ -192,11 +209,11 @@ def _tensor(entry: dict, blobs: list) -> torch.Tensor:
     return t
 
 
-def through(obj, *, layout: bool = False, place=None):
+def through(obj, *, layout: bool = False, place=None, clean: bool = True):
     """``obj`` as it arrives after a trip through the protocol (the in-process worker of the tests)."""
     import io
 
     stream = io.BytesIO()
     write_message(stream, obj, layout=layout)
     stream.seek(0)
-    return decode(*read_frame(stream), place)
+    return decode(*read_frame(stream, max_header=TRUSTED_HEADER, max_blobs=TRUSTED_BLOBS), place, clean=clean)

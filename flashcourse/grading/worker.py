@@ -1,46 +1,55 @@
 """The worker: the only process that imports and runs the learner's code.
 
 The grader starts one per chapter (``procs.WorkerProcess``) and sends it requests as ``wire`` frames:
-call the learner's ``naive_attention`` (or run a driver of the chapter on the learner's module) with
+first the submission's source text (the grader read it; the worker compiles exactly that), then
+calls: run the learner's ``naive_attention`` (or a driver of the chapter on the learner's module) on
 these inputs. The worker answers with plain data: the results, what the code printed, and what it
 saw of the code while it ran:
 
-- provenance: each name an exercise must define comes from the submission file (its ``__module__``
-  and its code's file); the first call of each exercise runs under ``cProfile``, which lists the
-  Python code it ran: flashcourse code other than the stubs' helpers, or code from any file outside
-  the Python installation and the submission (e.g. a copy of solutions/), breaks a rule;
-- kernels: the exercise's Triton kernel must be launched, and the tensors returned must be ones
-  that it wrote;
+- provenance: each name an exercise must define is code compiled from the submission's text (not
+  imported, loaded or ``exec``-ed from elsewhere); every call of a PyTorch exercise, and the first
+  call of a kernel exercise, runs under ``cProfile``, which lists the code it ran: flashcourse code
+  other than the stubs' helpers (also when ``exec``-ed from its source), code from any file outside
+  the Python installation and the submission (e.g. a copy of solutions/), or a library function the
+  exercise is about (e.g. ``torch.softmax`` in ``safe_softmax``) breaks a rule;
+- kernels: every Triton launch goes through the worker (``launches.py``): guard pages or sentinels
+  around each tensor, no kernel of the package, results as the exercise's kernel left them;
 - inputs: each input is compared with a copy after the call (an input changed in place is named);
-  on the CPU each input tensor ends right before a PROT_NONE page, so that a read past its end
-  crashes at once, every time (the grader then finds which input by guarding one at a time);
+- the process: what the submission's code may not do, and the check that it left Python, torch and
+  the grader as they were (``sandbox.py``);
 - probes: optional watchers of the torch operations of one call (``probes.py``).
 
-Nothing it sends is trusted: the grader compares every result with its own oracle.
+Uninitialised memory (``torch.empty``) is filled with NaN, and every call starts from the same seeds,
+so that the same submission gives the same results every time. Nothing the worker sends is trusted:
+the grader compares every result with its own oracle.
 """
 
 import contextlib
 import cProfile
-import ctypes
+import importlib.util
 import inspect
 import io
-import mmap
+import linecache
 import os
-import site
+import random
+import re
 import sys
-import sysconfig
 import traceback
+import types
 from pathlib import Path
 
 import flashcourse  # noqa: F401  (switches Triton's interpreter on before anything imports triton)
+import numpy
 import torch
 
 from . import wire
 from .checks import chapter as chapter_checks
 from .framework import ALLOWED, STUB_SUFFIX
+from .launches import TorchWork, Watch, watching_launches
+from .probes import PROBES
+from .sandbox import SITE, STDLIB, Integrity, LearnerFrames, guard_the_process, trusted_roots
 
 MAX_OUTPUT = 2000  # characters of printed output kept per call
-PAGE = mmap.PAGESIZE
 PACKAGE = Path(flashcourse.__file__).resolve().parent
 
 
@@ -63,71 +72,7 @@ class BoundedWriter(io.StringIO):
         return len(s)
 
 
-# --- inputs: guard pages on the CPU, padding on a GPU ---------------------------------------------
-
-_libc = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
-_mappings = []  # keeps every guarded mapping alive as long as the worker
-
-
-def guarded_like(t: torch.Tensor) -> torch.Tensor:
-    """A copy of the dense tensor ``t`` (same strides) whose storage ends right before a PROT_NONE page."""
-    nbytes = t.numel() * t.element_size()
-    body = -(-nbytes // PAGE) * PAGE
-    mapping = mmap.mmap(-1, body + PAGE)
-    address = ctypes.addressof(ctypes.c_char.from_buffer(mapping))
-    if _libc.mprotect(ctypes.c_void_p(address + body), PAGE, 0) != 0:
-        raise OSError(ctypes.get_errno(), "mprotect failed")
-    _mappings.append(mapping)
-    flat = torch.frombuffer(mapping, dtype=torch.uint8, count=nbytes, offset=body - nbytes).view(t.dtype)
-    out = flat.as_strided(t.shape, t.stride())
-    out.copy_(t)
-    return out
-
-
-def padded_like(t: torch.Tensor, device: str) -> torch.Tensor:
-    """A copy of ``t`` on ``device`` followed by NaN (a GPU read past the end gets NaN, not a neighbour)."""
-    fill = float("nan") if t.dtype.is_floating_point else 0
-    flat = torch.full((t.numel() + 4096,), fill, dtype=t.dtype, device=device)
-    out = flat[: t.numel()].as_strided(t.shape, t.stride())
-    out.copy_(t)
-    return out
-
-
-def _leaves(x, name: str, out: list):
-    """Append (name, tensor) for every tensor in x (tuples and lists by index)."""
-    if isinstance(x, torch.Tensor):
-        out.append((name, x))
-    elif isinstance(x, (list, tuple)):
-        for i, v in enumerate(x):
-            _leaves(v, f"{name}[{i}]", out)
-    return out
-
-
-def _replace(x, table: dict):
-    if isinstance(x, torch.Tensor):
-        return table[id(x)]
-    if isinstance(x, list):
-        return [_replace(v, table) for v in x]
-    if isinstance(x, tuple):
-        return tuple(_replace(v, table) for v in x)
-    return x
-
-
-# --- what the learner's code ran -----------------------------------------------------------------
-
-def _trusted_roots() -> tuple:
-    """Folders whose code any submission may run: the Python installation and its packages."""
-    paths = {sysconfig.get_paths()[k] for k in ("stdlib", "platstdlib", "purelib", "platlib")}
-    paths |= {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix}
-    paths |= set(getattr(site, "getsitepackages", lambda: [])())
-    for name in ("torch", "triton", "numpy"):
-        module = sys.modules.get(name)
-        if module is not None and getattr(module, "__file__", None):
-            paths.add(str(Path(module.__file__).resolve().parents[1]))
-    # what Triton compiles for a GPU lives in its cache
-    paths.add(os.environ.get("TRITON_CACHE_DIR") or str(Path.home() / ".triton"))
-    return tuple(str(Path(p).resolve()) + os.sep for p in paths if p)
-
+# --- what the learner's code ran ----------------------------------------------------------------------
 
 def package_name(filename: str, qualname: str):
     """'flashcourse.softmax.online_softmax' for code of the flashcourse package, else None."""
@@ -151,53 +96,124 @@ def _code_of(obj):
     return None, obj, False
 
 
-class Worker:
-    """Answers the requests of one chapter on one target folder (a submission)."""
+def _codes(code) -> list:
+    """code and every code object nested in it."""
+    found = [code]
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            found += _codes(const)
+    return found
 
-    def __init__(self, target: Path, chapter: str, *, guard_pages: bool = True):
+
+def _twin_key(code) -> tuple:
+    """What two compilations of the same function's text share, wherever they were compiled."""
+    return code.co_code, code.co_names, code.co_varnames, code.co_argcount
+
+
+_BUILTIN = re.compile(r"<(?:built-in method|method) '?([\w.]+?)'?(?: of |>)")
+
+
+def _reached_from(sources: set, stats) -> set:
+    """The code objects of ``sources`` that some code of ``sources`` reached, through any calls between."""
+    callees = {e.code: [c.code for c in e.calls or ()] for e in stats}
+    frontier = [c for s in sources for c in callees.get(s, [])]
+    seen, reached = set(), set()
+    while frontier:
+        code = frontier.pop()
+        if code in seen:
+            continue
+        seen.add(code)
+        if code in sources:
+            reached.add(code)
+        frontier += callees.get(code, [])
+    return reached
+
+
+def _library_name(filename: str, qualname: str) -> str:
+    """'torch.autograd.graph._engine_run_backward' for a function of an installed package."""
+    for root in SITE + STDLIB:
+        if filename.startswith(root):
+            return ".".join([*Path(filename[len(root):]).with_suffix("").parts, qualname])
+    return qualname
+
+
+def builtin_name(entry: str) -> tuple:
+    """('softmax', 'Tensor.softmax') of cProfile's "<method 'softmax' of 'torch._C.TensorBase' objects>",
+    ('scaled_dot_product_attention', 'torch._C._nn.scaled_dot_product_attention') of its
+    '<built-in method torch._C._nn.scaled_dot_product_attention>': the name, and how to show it."""
+    m = _BUILTIN.match(entry)
+    if not m:
+        return "", ""
+    return m.group(1).rsplit(".", 1)[-1], m.group(1) if entry.startswith("<built-in") else f"Tensor.{m.group(1)}"
+
+
+class Worker:
+    """Answers the requests of one chapter on one submission (its source text, as the grader read it).
+
+    isolate=False: this is the grader's own process (the project's tests): no audit hook, no integrity
+    checks, no NaN-filled memory; kernels still launch through the watch.
+    """
+
+    def __init__(self, target: Path, chapter: str, source, *, unreadable=None, isolate: bool = True):
         self.spec = chapter_checks(chapter)
         self.path = (Path(target) / f"{self.spec.file}.py").resolve()
-        self.guard_pages = guard_pages and _libc is not None
+        self.source, self.unreadable, self.isolate = source, unreadable, isolate
         self.module = self.load_failure = None
-        self.traced, self.origins, self.wrapped = set(), {}, set()
-        self.launches = None  # while a call runs: storages of the tensors passed to the exercise's kernels
-        self.roots = _trusted_roots()
+        self.traced, self.origins = set(), {}
+        self.genuine = {}  # id -> code object compiled from the submission's text
+        self.twins = None  # _twin_key -> qualified name of flashcourse's functions
+        self.watch = None  # the Watch of the call (or import) that runs
+        self.last_args = []
+        self.roots = trusted_roots()
+        self.frames = LearnerFrames(self.path, self.roots)
+        self.integrity = Integrity() if isolate else None
 
-    # the learner's module, loaded once
+    # the learner's module, compiled from the source text once
     def _load(self, out):
         if self.load_failure is not None:
             raise Failure(**self.load_failure)
         if self.module is not None:
             return self.module
-        import importlib.util
-
-        try:
-            found = self.path.is_file() and os.access(self.path, os.R_OK)
-        except OSError:
-            found = False
-        if not found:
-            readable = os.access(self.path.parent, os.X_OK) and not self.path.exists()
-            self.load_failure = {"kind": "missing_file" if readable else "unreadable", "file": self.path.name,
-                                 "folder": str(self.path.parent), "uid": os.getuid()}
+        if self.source is None:
+            self.load_failure = {"kind": "unreadable" if self.unreadable else "missing_file", "file": self.path.name,
+                                 "folder": str(self.path.parent), "message": self.unreadable}
             raise Failure(**self.load_failure)
-        spec = importlib.util.spec_from_file_location(self.spec.file, self.path)
+        name = self.spec.file
+        try:
+            code = compile(self.source, str(self.path), "exec", dont_inherit=True)
+        except (SyntaxError, ValueError) as e:  # ValueError: a NUL byte
+            self.load_failure = {"kind": "syntax", "file": self.path.name, "message": str(getattr(e, "msg", e)),
+                                 "line": getattr(e, "lineno", None)}
+            raise Failure(**self.load_failure) from None
+        self.genuine = {id(c): c for c in _codes(code)}
+        # Triton and tracebacks read the source by file name: give them this text, not the disk's
+        linecache.cache[str(self.path)] = (len(self.source), None, self.source.splitlines(True), str(self.path))
+        spec = importlib.util.spec_from_file_location(name, self.path)
         module = importlib.util.module_from_spec(spec)
-        sys.modules[self.spec.file] = module
+        sys.modules[name] = module
+        watch = self.watch = Watch(self.kernel_rule, self.spec.spec(""), [], None, "cpu")
         try:
             with self._captured(out):
-                spec.loader.exec_module(module)
-        except SyntaxError as e:
-            self.load_failure = {"kind": "syntax", "file": self.path.name, "message": str(e.msg), "line": e.lineno}
+                exec(code, module.__dict__)
         except BaseException as e:  # noqa: BLE001  (whatever the learner's file raises on import)
             self.load_failure = {"kind": "import", **self._exception(e)}
+        finally:
+            self.watch = None
+        broken = watch.broken or self._tampered()
+        if broken:
+            self.load_failure = {"file": self.path.name, **broken, "importing": True}
         if self.load_failure is not None:
             raise Failure(**self.load_failure)
         self.module = module
         return module
 
+    def _tampered(self):
+        name = self.integrity.changed() if self.integrity else None
+        return {"kind": "tampered", "name": name} if name else None
+
     def _exception(self, e: BaseException) -> dict:
         """type, first line of the message and the line of the submission file where it was raised."""
-        frames = [f for f in traceback.extract_tb(e.__traceback__) if Path(f.filename).resolve() == self.path]
+        frames = [f for f in traceback.extract_tb(e.__traceback__) if f.filename == str(self.path)]
         text = (str(e).strip().splitlines() or [""])[0][:300]
         return {"type": type(e).__name__, "message": text, "line": frames[-1].lineno if frames else None,
                 "file": self.path.name}
@@ -211,6 +227,13 @@ class Worker:
         finally:
             sys.stdout, sys.stderr = saved
 
+    def refuse(self, what: str, event: str) -> None:
+        """Record that the learner's code tried ``what`` (refused), and stop it."""
+        watch = self.watch
+        if watch is not None:
+            watch.refuse({"kind": "refused", "what": what, "event": event})
+        raise PermissionError(f"the grader does not let exercises do this: {what} ({event})")
+
     # provenance
     def _resolve(self, module, dotted: str):
         obj = module
@@ -219,6 +242,20 @@ class Worker:
             if obj is None:
                 raise Failure(kind="missing", file=self.path.name, name=dotted)
         return obj
+
+    def _is_genuine(self, code) -> bool:
+        """code was compiled from the submission's text (or is Triton's interpreter's rewrite of such a kernel)."""
+        if self.genuine.get(id(code)) is code:
+            return True
+        try:
+            from triton.runtime.interpreter import InterpretedFunction
+        except ImportError:
+            return False
+        for fn, rewritten in list(InterpretedFunction.rewritten_fn.items()):
+            if self.genuine.get(id(getattr(fn, "__code__", None))) is not None and hasattr(rewritten, "__code__"):
+                if any(c is code for c in _codes(rewritten.__code__)):
+                    return True
+        return False
 
     def _check_origins(self, module, exercise) -> list:
         """The kernels among the names the exercise must define; Failure when one is not defined here."""
@@ -236,9 +273,11 @@ class Worker:
                     failure = {"kind": "missing", "file": self.path.name, "name": dotted, "got": type(obj).__name__}
                     break
                 here = getattr(fn, "__module__", None) == module.__name__ and getattr(owner, "__module__", None) == module.__name__
-                if not here or Path(code.co_filename).resolve() != self.path:
-                    failure = {"kind": "origin", "file": self.path.name, "name": dotted,
-                               "source": code.co_filename if not here or code.co_filename != "<string>" else "exec()"}
+                if not here or not self._is_genuine(code):
+                    source = code.co_filename
+                    if source.startswith("<") or Path(source).resolve() == self.path:
+                        source = "exec() or compile() of text that is not in the file"
+                    failure = {"kind": "origin", "file": self.path.name, "name": dotted, "source": source}
                     break
                 if kernel:
                     kernels.append(obj)
@@ -268,31 +307,76 @@ class Worker:
                     return {"kind": "forbidden", "file": self.path.name, "name": exercise.name, "calls": qualified}
         return None
 
+    def _twin(self, code):
+        """The qualified name of the flashcourse function whose compiled text ``code`` is, or None."""
+        if self.twins is None:
+            self.twins = {}
+            for name, module in list(sys.modules.items()):
+                if not (name == "flashcourse" or name.startswith("flashcourse.")) or name.startswith("flashcourse.grading"):
+                    continue
+                for obj in list(vars(module).values()):
+                    members = vars(obj).values() if isinstance(obj, type) else [obj]
+                    for member in members:
+                        inner = getattr(member, "fn", member)
+                        fcode = getattr(getattr(inner, "__func__", inner), "__code__", None)
+                        if isinstance(fcode, types.CodeType) and package_name(fcode.co_filename, "") is not None:
+                            for c in _codes(fcode):
+                                self.twins.setdefault(_twin_key(c), package_name(c.co_filename, c.co_qualname))
+        return self.twins.get(_twin_key(code))
+
+    def kernel_rule(self, fn, exercise):
+        """The rule broken by launching the kernel whose Python function is ``fn``, or None."""
+        code = getattr(fn, "__code__", None)
+        if code is None or self._is_genuine(code):
+            return None
+        qualified = package_name(code.co_filename, fn.__qualname__) or self._twin(code)
+        if qualified is not None:
+            if self._allowed(qualified, exercise):
+                return None
+            return {"kind": "forbidden", "file": self.path.name, "name": exercise.name, "calls": qualified}
+        if str(Path(code.co_filename).resolve()).startswith(self.roots):
+            return None
+        return {"kind": "foreign", "file": self.path.name, "name": exercise.name, "source": code.co_filename,
+                "function": code.co_name}
+
     def _judge(self, exercise, stats, defines) -> dict:
         """The rule that the traced call broke, or None. Of the forbidden flashcourse functions it ran,
-        the one named is one that no flashcourse code called (the one the learner's code called)."""
-        ran, resolved, forbidden, inner = set(), {}, [], set()
+        the one named is one that no other of them reached (the one the learner's code called)."""
+        ran, resolved, forbidden = set(), {}, []
         for entry in stats:
             code = entry.code
             if isinstance(code, str):
+                name, shown = builtin_name(code)
+                if name in exercise.forbid:
+                    return {"kind": "forbidden", "file": self.path.name, "name": exercise.name, "calls": shown,
+                            "library": True}
                 continue
             filename = code.co_filename
             ran.add((filename, code.co_name))
-            if filename.startswith("<"):
-                continue
             if filename not in resolved:
-                resolved[filename] = Path(filename).resolve()
-            if resolved[filename] == self.path:
+                resolved[filename] = filename if filename.startswith("<") else str(Path(filename).resolve())
+            if filename.startswith("<") or resolved[filename] == str(self.path):
+                if self._is_genuine(code) or filename.startswith("<frozen") or code.co_name == "<module>":
+                    continue  # (a <module> only defines: Triton's interpreter compiles each kernel anew)
+                twin = self._twin(code)
+                if twin is not None and not self._allowed(twin, exercise):
+                    forbidden.append((code, twin))
+                elif not filename.startswith("<"):  # under the file's name, compiled from other text
+                    return {"kind": "foreign", "file": self.path.name, "name": exercise.name,
+                            "source": "exec() or compile() of text that is not in the file", "function": code.co_name}
                 continue
             qualified = package_name(filename, getattr(code, "co_qualname", code.co_name))
             if qualified is not None:
-                inner |= {c.code for c in entry.calls or ()}
                 if code.co_name != "<module>" and not self._allowed(qualified, exercise):
                     forbidden.append((code, qualified))
-            elif not str(resolved[filename]).startswith(self.roots):
+            elif not resolved[filename].startswith(self.roots):
                 return {"kind": "foreign", "file": self.path.name, "name": exercise.name, "source": filename,
                         "function": code.co_name}
+            elif code.co_name in exercise.forbid:
+                return {"kind": "forbidden", "file": self.path.name, "name": exercise.name, "library": True,
+                        "calls": _library_name(resolved[filename], getattr(code, "co_qualname", code.co_name))}
         if forbidden:
+            inner = _reached_from({c for c, _ in forbidden}, stats)
             outer = [q for c, q in forbidden if c not in inner] or [forbidden[0][1]]
             return {"kind": "forbidden", "file": self.path.name, "name": exercise.name, "calls": outer[0]}
         for dotted, code in defines:
@@ -300,27 +384,10 @@ class Worker:
                 return {"kind": "unused", "file": self.path.name, "name": dotted}
         return None
 
-    # kernels: launched, and the results are what they wrote
-    def _record_launches(self, kernel) -> None:
-        if id(kernel) in self.wrapped:
-            return
-        self.wrapped.add(id(kernel))
-        run = kernel.run
-        worker = self
-
-        def recording_run(*args, **kwargs):
-            if worker.launches is not None:
-                for t in list(args) + list(kwargs.values()):
-                    if isinstance(t, torch.Tensor):
-                        worker.launches.add(t.untyped_storage().data_ptr())
-                worker.launches.add("launched")
-            return run(*args, **kwargs)
-
-        kernel.run = recording_run
-
     # one request
     def handle(self, request: dict, send) -> None:
         out = BoundedWriter()
+        self.last_args = []
         try:
             reply = self._call(request, send, out)
         except Failure as e:
@@ -332,7 +399,7 @@ class Worker:
             reply = {"failure": {"kind": "exit", "code": str(e.code)[:100], **self._exception(e)}}
         except BaseException as e:  # noqa: BLE001  (whatever the learner's code raises)
             reply = {"failure": {"kind": "exception", **self._exception(e)}}
-        reply.update(id=request.get("id"), output=out.getvalue())
+        reply.update(id=request.get("id"), output=out.getvalue(), launch_args=self.last_args)
         try:
             send(reply)
         except Exception as e:  # noqa: BLE001  (e.g. a result too large to send)
@@ -352,32 +419,41 @@ class Worker:
         profiler = cProfile.Profile() if not kernels or exercise.name not in self.traced else None
         probe = None
         if request.get("probe"):
-            from .probes import PROBES
-
             spec = request["probe"]
             probe = PROBES[spec["name"]]([t for _, t in leaves], **spec.get("params", {}))
-        for kernel in kernels:
-            self._record_launches(kernel)
-        self.launches = set()
+        watch = self.watch = Watch(self.kernel_rule, exercise, kernels, request.get("guard"), device)
+        work = TorchWork(watch) if kernels else contextlib.nullcontext()
+        stopped, error = False, None
         try:
-            with self._captured(out), (probe or contextlib.nullcontext()):
-                torch.manual_seed(0)
+            with self._captured(out), watching_launches(watch), work, (probe or contextlib.nullcontext()):
+                self._seed()
                 if profiler:
                     profiler.enable()
                 try:
                     value = target(*args, **kwargs)
+                except BaseException as e:  # noqa: BLE001  (judged below: a broken rule comes first)
+                    error = e
                 finally:
                     if profiler:
+                        stopped = sys.getprofile() is not profiler
                         profiler.disable()
-            if device != "cpu":
+            if device != "cpu" and error is None:
                 torch.cuda.synchronize()
-            launches = self.launches
         finally:
-            self.launches = None
+            self.watch, self.last_args = None, watch.args
+        # the rules broken, the most telling first: what the trace names (the outermost forbidden function)
         if profiler:
-            self._judge_trace(module, exercise, profiler.getstats())
+            self._judge_trace(module, exercise, profiler.getstats(), complete=error is None)
+        broken = watch.broken or self._tampered()
+        if broken is None and stopped:
+            broken = {"kind": "refused", "what": "switched the profiler off", "event": "sys.setprofile"}
+        if broken:
+            raise Failure(**{"file": self.path.name, "name": exercise.name, "call": request.get("call", ""), **broken})
+        if error is not None:
+            raise error
+        if profiler:
             self.traced.add(exercise.name)
-        value = self._results(value, device, kernels, launches, request.get("call", ""))
+        value = self._results(value, device, kernels, watch, request.get("call", ""))
         modified = [name for (name, t), (copy, shape, stride) in zip(leaves, before)
                     if t.shape != shape or t.stride() != stride or not torch.equal(t, copy)]
         reply = {"value": value, "modified": modified}
@@ -385,9 +461,14 @@ class Worker:
             reply["observed"] = probe.observed()
         return reply
 
+    @staticmethod
+    def _seed() -> None:
+        torch.manual_seed(0)
+        random.seed(0)
+        numpy.random.seed(0)
+
     def _inputs(self, module, request: dict, device: str) -> tuple:
-        """(callable, [(name, input tensor)], args, kwargs) of a request, the inputs placed: guarded on the
-        CPU (every input, or those of ``request["guard"]``), followed by NaN on a GPU."""
+        """(callable, [(name, input tensor)], args, kwargs) of a request, the inputs on their device."""
         if "driver" in request:
             driver = self.spec.drivers[request["driver"]]
             target = lambda *a, **k: driver(module, *a, **k)  # noqa: E731
@@ -400,6 +481,8 @@ class Worker:
             except (TypeError, ValueError):
                 signature = None
         args, kwargs = list(request.get("args", [])), dict(request.get("kwargs", {}))
+        if device != "cpu":
+            args, kwargs = _on(args, device), _on(kwargs, device)
         try:
             named = signature.bind_partial(*args, **kwargs).arguments
         except (AttributeError, TypeError):
@@ -407,39 +490,31 @@ class Worker:
         leaves = []
         for name, value in named.items():
             _leaves(value, name, leaves)
-        guard = request.get("guard")
-        placed = {}
-        for index, (name, t) in enumerate(leaves):
-            if device != "cpu":
-                placed[id(t)] = padded_like(t, device)
-            elif self.guard_pages and guard is not False and (guard is None or index in guard) and t.numel():
-                placed[id(t)] = guarded_like(t)
-            else:
-                placed[id(t)] = t
-        leaves = [(name, placed[id(t)]) for name, t in leaves]
-        return target, leaves, _replace(args, placed), _replace(kwargs, placed)
+        return target, leaves, args, kwargs
 
-    def _judge_trace(self, module, exercise, stats) -> None:
-        defines = [(d, _code_of(self._resolve(module, d))) for d in exercise.defines]
+    def _judge_trace(self, module, exercise, stats, complete: bool = True) -> None:
+        """Failure for the rule that a traced call broke; complete=False (the call raised): only what it ran
+        counts, not what it did not get to run."""
+        defines = [(d, _code_of(self._resolve(module, d))) for d in exercise.defines] if complete else []
         broken = self._judge(exercise, stats, [(d, code) for d, (code, _, kernel) in defines if not kernel])
         if broken:
             raise Failure(**broken)
 
-    def _results(self, value, device: str, kernels: list, launches: set, call: str):
+    def _results(self, value, device: str, kernels: list, watch: Watch, call: str):
         """The plain form of the learner's results; Failure when a kernel exercise's kernel did not run,
-        or its launcher returned a tensor that the kernel did not write."""
-        value, foreign = self._plain(value, device, launches if kernels else None)
+        or its launcher returned a tensor that is not as the kernel left it."""
+        value, foreign = self._plain(value, device, watch if kernels else None)
         if kernels:
             names = ", ".join(k.fn.__name__ for k in kernels)
-            if "launched" not in launches:
+            if not watch.launched:
                 raise Failure(kind="not_launched", file=self.path.name, kernel=names, call=call)
             if foreign:
                 raise Failure(kind="not_written", file=self.path.name, kernel=names, call=call)
         return value
 
-    def _plain(self, value, device: str, launches):
+    def _plain(self, value, device: str, watch):
         """value with every non-plain tensor replaced by an Opaque that says why; and whether a tensor
-        returned by a kernel exercise was not written by the exercise's kernel."""
+        returned by a kernel exercise is not as the exercise's kernel left it."""
         foreign = []
 
         def walk(x, depth=0):
@@ -451,7 +526,7 @@ class Worker:
                     return wire.Opaque(type(x).__name__, why)
                 if x.device.type != device:
                     return wire.Opaque("torch.Tensor", f"a tensor on {x.device.type}, expected on {device}")
-                if launches is not None and x.numel() and x.untyped_storage().data_ptr() not in launches:
+                if watch is not None and x.numel() and not watch.as_written(x):
                     foreign.append(x)
                 return x
             if type(x) is list:
@@ -465,6 +540,29 @@ class Worker:
         return walk(value), bool(foreign)
 
 
+def _on(x, device: str):
+    """x with every tensor copied to ``device``, strides kept."""
+    if isinstance(x, torch.Tensor):
+        return torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=device).copy_(x)
+    if isinstance(x, list):
+        return [_on(v, device) for v in x]
+    if isinstance(x, tuple):
+        return tuple(_on(v, device) for v in x)
+    if isinstance(x, dict):
+        return {k: _on(v, device) for k, v in x.items()}
+    return x
+
+
+def _leaves(x, name: str, out: list):
+    """Append (name, tensor) for every tensor in x (tuples and lists by index)."""
+    if isinstance(x, torch.Tensor):
+        out.append((name, x))
+    elif isinstance(x, (list, tuple)):
+        for i, v in enumerate(x):
+            _leaves(v, f"{name}[{i}]", out)
+    return out
+
+
 def main() -> None:
     """Serve requests on stdin/stdout (``wire`` frames) until stdin closes.
 
@@ -472,18 +570,27 @@ def main() -> None:
     learner's code (and Triton, and C++) can neither read requests nor write into the replies by
     accident, and ``input()`` gets EOF instead of waiting forever.
     """
+    import warnings
+
     requests, replies = os.fdopen(os.dup(0), "rb"), os.fdopen(os.dup(1), "wb")
     devnull = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1, 2):
         os.dup2(devnull, fd)
-    header, blobs = wire.read_frame(requests)
-    init = wire.decode(header, blobs)
-    worker = Worker(Path(init["target"]), init["chapter"])
+    # the same submission gives the same results: torch.empty is NaN, not what the memory held before
+    # (the C switch: torch.use_deterministic_algorithms would also import the whole compiler stack, 1 s)
+    getattr(torch._C, "_set_deterministic_algorithms", torch.use_deterministic_algorithms)(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    warnings.filterwarnings("ignore", message=".*deterministic.*")
+    read = lambda: wire.read_frame(requests, max_header=wire.TRUSTED_HEADER, max_blobs=wire.TRUSTED_BLOBS)  # noqa: E731
+    init = wire.decode(*read(), clean=False)
+    worker = Worker(Path(init["target"]), init["chapter"], init.get("source"), unreadable=init.get("unreadable"))
+    guard_the_process(worker.frames, worker.refuse)
+    worker.integrity = Integrity()  # after the worker's own wrappers, before any learner code
     send = lambda message: wire.write_message(replies, message)  # noqa: E731
     send({"ready": os.getpid()})
     while True:
         try:
-            header, blobs = wire.read_frame(requests)
+            frame = read()
         except EOFError:
             return
-        worker.handle(wire.decode(header, blobs), send)
+        worker.handle(wire.decode(*frame, clean=False), send)

@@ -16,9 +16,9 @@ EXPLICIT_SCALE = 0.3
 SCALE_HINT = "use the scale argument when it is given, and only then 1/sqrt(d); apply it once"
 
 
-def oracle(q, k, v, causal: bool, scale=None):
-    """(O, L) of flashcourse.naive_attention in float64: the ground truth."""
-    return fc.naive_attention(q.double(), k.double(), v.double(), causal=causal, scale=scale, return_lse=True)
+def oracle(q, k, v, causal: bool, scale=None, **options):
+    """(O, L) of flashcourse.naive_attention in float64: the ground truth (options: its window_size, ...)."""
+    return fc.naive_attention(q.double(), k.double(), v.double(), causal=causal, scale=scale, return_lse=True, **options)
 
 
 def device() -> str:
@@ -93,14 +93,37 @@ def backward_case(q, k, v, causal: bool, scale=None, seed: int = 99):
     return o, L.float(), do, grads
 
 
-def expect_grads(what: str, got, want, inputs, case: str, kernel: bool = False) -> None:
-    """got = (dq, dk, dv) shaped and typed like (q, k, v) and close to the float64 gradients."""
+def exact_grads(q, k, v, do, causal: bool, scale=None):
+    """The float64 gradients at the exact O (not at O rounded to the inputs' dtype): those of a backward
+    pass that takes D = rowsum(P ∘ dP) instead of rowsum(dO ∘ O), the same number before rounding."""
+    O, _ = oracle(q, k, v, causal, scale)
+    return fc.naive_attention_backward(q.double(), k.double(), v.double(), O, do.double(), causal=causal, scale=scale)
+
+
+def expect_grads(what: str, got, want, inputs, case: str, kernel: bool = False, exact=None) -> None:
+    """got = (dq, dk, dv) shaped and typed like (q, k, v) and close to the float64 gradients ``want``, or to
+    ``exact()`` when given (D from P and dP: both are the formulas of the backward pass)."""
     expect(isinstance(got, tuple) and len(got) == 3,
            f"{what} must return a tuple (dq, dk, dv), got {type(got).__name__} [{case}]", "return dq, dk, dv")
-    for name, g, w, x in zip(("dq", "dk", "dv"), got, want, inputs):
-        expect_close(f"{name} vs flashcourse.naive_attention_backward", g, w, case=case, dtype=x.dtype,
-                     dtype_hint=f"return {name} like {name[1:]}: in {x.dtype} (compute in float32, then .to({name[1:]}.dtype))",
-                     **tolerance(x.dtype, kernel))
+
+    def compare(reference):
+        for name, g, w, x in zip(("dq", "dk", "dv"), got, reference, inputs):
+            expect_close(f"{name} vs flashcourse.naive_attention_backward", g, w, case=case, dtype=x.dtype,
+                         dtype_hint=f"return {name} like {name[1:]}: in {x.dtype} (compute in float32, then .to({name[1:]}.dtype))",
+                         **tolerance(x.dtype, kernel))
+
+    try:
+        compare(want)
+    except CheckFailed:
+        if exact is None or not all(isinstance(g, torch.Tensor) for g in got):
+            raise
+        try:
+            compare(exact())
+        except CheckFailed:
+            pass
+        else:
+            return
+        raise
 
 
 # the structure checks: sizes where Nq, Nk, B_r, B_c, d (and H) all differ

@@ -4,10 +4,11 @@ import torch
 
 from flashcourse._checks import causal_mask
 
-from ..framework import ChapterChecks, expect_close
+from ..framework import ATTENTION, ChapterChecks, expect_close
 from ._common import EXPLICIT_SCALE, SCALE_HINT, attention_cases, expect_output, large_logit_cases, oracle
 
 CHECKS = ChapterChecks("ch01", file="ch01_naive", notebook="01_naive_attention")
+CHECKS.exercise("naive_attention", forbid=ATTENTION)  # the textbook formula, not PyTorch's attention
 BOTTOM_RIGHT = "query i sees key j iff j <= i + (Nk − Nq): bottom-right aligned, not j <= i"
 BOOL_HINT = "return a boolean tensor: the comparison j <= i + (Nk − Nq) gives one (no .int(), .float() or .long())"
 

@@ -2,11 +2,12 @@
 
 import torch
 
-from ..framework import ChapterChecks, qkv
+from ..framework import ATTENTION, ChapterChecks, qkv
 from ._common import (EXPLICIT_SCALE, ROLES, SCALE_HINT, TILED, check_forward, expect_tiles, large_logit_cases,
                       oracle, expect_output)
 
 CHECKS = ChapterChecks("ch03", file="ch03_tiling", notebook="03_tiling")
+CHECKS.exercise("tiled_attention_forward", forbid=ATTENTION)
 
 
 def _check(m, **kwargs):
@@ -20,18 +21,20 @@ def _(m):
     _check(m, causal_options=(False,))
 
 
-@CHECKS.add("tiled_attention_forward", "tile by tile: no score tensor beyond one block_m × block_n tile",
-            hint="compute S_ij = scale · Q_i K_jᵀ inside both loops, for one (block_m, block_n) tile at a time")
+@CHECKS.add("tiled_attention_forward", "tile by tile: no score tensor (or mask) beyond one block_m × block_n tile",
+            hint="compute S_ij = scale · Q_i K_jᵀ and its causal mask inside both loops, for one (block_m, block_n) "
+                 "tile at a time")
 def _(m):
     T = TILED
     q, k, v = qkv(T["B"], T["H"], T["Nq"], T["Nk"], T["d"], seed=5)
     blocks = {"block_m": T["block_m"], "block_n": T["block_n"]}
     call = m.tiled_attention_forward.watch("tiles", roles=ROLES, Nq=T["Nq"], Nk=T["Nk"], **blocks)
-    got, seen = call(q, k, v, causal=False, **blocks)
-    expect_tiles("tiled_attention_forward", seen)
-    want, _ = oracle(q, k, v, False)
-    expect_output("O vs flashcourse", got[0] if isinstance(got, tuple) else got, want, q.dtype,
-                  "B=1 H=2 Nq=70 Nk=45 d=16 block_m=12 block_n=7")
+    for causal in (False, True):
+        got, seen = call(q, k, v, causal=causal, **blocks)
+        expect_tiles("tiled_attention_forward", seen)
+        want, _ = oracle(q, k, v, causal)
+        expect_output("O vs flashcourse", got[0] if isinstance(got, tuple) else got, want, q.dtype,
+                      "B=1 H=2 Nq=70 Nk=45 d=16 block_m=12 block_n=7" + (" causal" if causal else ""))
 
 
 @CHECKS.add("tiled_attention_forward", "O, causal (Nq == Nk, Nq < Nk, Nq > Nk)", points=2,

@@ -3,11 +3,14 @@ flashcourse.naive_attention_backward in float64."""
 
 import torch
 
-from ..framework import ChapterChecks, expect_close, qkv, randn, tolerance
-from ._common import (EXPLICIT_SCALE, ROLES, SCALE_HINT, TILED, attention_cases, backward_case, expect_grads,
-                      expect_tiles, large_logit_cases)
+from ..framework import ATTENTION, AUTOGRAD, ChapterChecks, expect_close, qkv, randn, tolerance
+from ._common import (EXPLICIT_SCALE, ROLES, SCALE_HINT, TILED, attention_cases, backward_case, exact_grads,
+                      expect_grads, expect_tiles, large_logit_cases)
 
 CHECKS = ChapterChecks("ch06", file="ch06_backward", notebook="06_backward_math")
+# the gradients from the formulas: not from autograd (which would differentiate the forward for you)
+CHECKS.exercise("naive_backward", forbid=AUTOGRAD + ATTENTION)
+CHECKS.exercise("tiled_backward", forbid=AUTOGRAD + ATTENTION)
 
 
 @CHECKS.add("backward_delta", "D = rowsum(dO ∘ O), float32, float16 and bfloat16",
@@ -28,7 +31,8 @@ def _grad_check(m, fn: str, tiled: bool, scale=None, blocks=None, cases=None, **
         args = (q, k, v, o, lse, do) if tiled else (q, k, v, o, do)
         kwargs = {"causal": causal, **({} if scale is None else {"scale": scale}), **blocks}
         case += "".join(f" {name}={b}" for name, b in kwargs.items() if name != "causal")
-        expect_grads(f"{fn}(...)", getattr(m, fn)(*args, **kwargs), want, (q, k, v), case)
+        exact = lambda: exact_grads(q, k, v, do, causal, scale)  # noqa: E731
+        expect_grads(f"{fn}(...)", getattr(m, fn)(*args, **kwargs), want, (q, k, v), case, exact=exact)
 
 
 @CHECKS.add("naive_backward", "not causal", points=2,
@@ -60,17 +64,20 @@ def _(m):
     _grad_check(m, "tiled_backward", True, causal_options=(False,))
 
 
-@CHECKS.add("tiled_backward", "tile by tile: no score tensor beyond one block_m × block_n tile",
-            hint="recompute P_ij, dP_ij and dS_ij inside both loops, for one (block_m, block_n) tile at a time")
+@CHECKS.add("tiled_backward", "tile by tile: no score tensor (or mask) beyond one block_m × block_n tile",
+            hint="recompute P_ij, dP_ij, dS_ij and the causal mask inside both loops, for one (block_m, block_n) tile "
+                 "at a time")
 def _(m):
     T = TILED
     q, k, v = qkv(T["B"], T["H"], T["Nq"], T["Nk"], T["d"], seed=5)
-    o, lse, do, want = backward_case(q, k, v, False)
     blocks = {"block_m": T["block_m"], "block_n": T["block_n"]}
     call = m.tiled_backward.watch("tiles", roles=ROLES, Nq=T["Nq"], Nk=T["Nk"], **blocks)
-    got, seen = call(q, k, v, o, lse, do, causal=False, **blocks)
-    expect_tiles("tiled_backward", seen)
-    expect_grads("tiled_backward(...)", got, want, (q, k, v), "B=1 H=2 Nq=70 Nk=45 d=16 block_m=12 block_n=7")
+    for causal in (False, True):
+        o, lse, do, want = backward_case(q, k, v, causal)
+        got, seen = call(q, k, v, o, lse, do, causal=causal, **blocks)
+        expect_tiles("tiled_backward", seen)
+        expect_grads("tiled_backward(...)", got, want, (q, k, v), "B=1 H=2 Nq=70 Nk=45 d=16 block_m=12 block_n=7" +
+                     (" causal" if causal else ""), exact=lambda: exact_grads(q, k, v, do, causal))
 
 
 @CHECKS.add("tiled_backward", "causal (Nq == Nk, Nq < Nk, Nq > Nk)", points=2,

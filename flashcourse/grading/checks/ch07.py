@@ -10,8 +10,8 @@ from .ch05 import SHAPES
 CHECKS = ChapterChecks("ch07", file="ch07_triton_backward", notebook="07_triton_backward")
 
 
-def _check(m, which: str, blocks=None, scale=None, cases=None, **case_options):
-    """which: 'dkdv' compares (dk, dv) of backward_dkdv, 'dq' the dq of backward_dq."""
+def _check(m, which: str, blocks=None, scale=None, cases=None, loose: float = 1.0, **case_options):
+    """which: 'dkdv' compares (dk, dv) of backward_dkdv, 'dq' the dq of backward_dq; loose widens the tolerance."""
     extra = {**({} if scale is None else {"scale": scale}), **(blocks or {})}
     cases = cases if cases is not None else attention_cases(on=device(), **{"shapes": SHAPES, **case_options})
     for case, q, k, v, causal in cases:
@@ -24,8 +24,8 @@ def _check(m, which: str, blocks=None, scale=None, cases=None, **case_options):
         else:
             pairs = [("dq", m.backward_dq(q, k, v, o, lse, do, causal=causal, **extra), dq)]
         for name, g, w in pairs:
-            expect_close(f"{name} vs flashcourse.naive_attention_backward", g, w, case=case,
-                         dtype=q.dtype, **tolerance(q.dtype, kernel=True))
+            expect_close(f"{name} vs flashcourse.naive_attention_backward", g, w, case=case, dtype=q.dtype,
+                         **{k: loose * t for k, t in tolerance(q.dtype, kernel=True).items()})
 
 
 @CHECKS.add("dkdv_kernel", "not causal, ragged lengths", points=3,
@@ -68,7 +68,8 @@ def _(m):
 def _(m):
     _check(m, "dkdv", dtypes=kernel_dtypes()[1:], shapes=[(1, 2, 33, 40, 16)])
     _check(m, "dkdv", blocks={"BLOCK_M": 32, "BLOCK_N": 16}, shapes=[(1, 1, 45, 29, 16)])
-    _check(m, "dkdv", blocks={"BLOCK_M": 64, "BLOCK_N": 64}, cases=large_logit_cases(QUERIES, on=device()))
+    # dK, dV sum 1024 products of P and dS rounded to float16 (as FlashAttention does): twice the tolerance
+    _check(m, "dkdv", blocks={"BLOCK_M": 64, "BLOCK_N": 64}, cases=large_logit_cases(QUERIES, on=device()), loose=2.0)
 
 
 @CHECKS.add("dq_kernel", "float16 (bfloat16 on a GPU), other block sizes, large logits (1024 keys, d = 128)",
@@ -76,4 +77,6 @@ def _(m):
 def _(m):
     _check(m, "dq", dtypes=kernel_dtypes()[1:], shapes=[(1, 2, 33, 40, 16)])
     _check(m, "dq", blocks={"BLOCK_M": 32, "BLOCK_N": 16}, shapes=[(1, 1, 45, 29, 16)])
-    _check(m, "dq", blocks={"BLOCK_M": 64, "BLOCK_N": 64}, cases=large_logit_cases(KEYS, on=device(), causal_options=(True,)))
+    # dQ sums 1024 products of dS rounded to float16 (as FlashAttention does): twice the tolerance
+    _check(m, "dq", blocks={"BLOCK_M": 64, "BLOCK_N": 64}, cases=large_logit_cases(KEYS, on=device(), causal_options=(True,)),
+           loose=2.0)

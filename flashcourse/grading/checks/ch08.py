@@ -1,20 +1,28 @@
 """Chapter 08: splitting and merging heads, and the multi-head attention module.
 
 The module is built in the worker with the grader's weights, and its ``self.attention`` is swapped
-for an attention of another scale (``ROUTED_SCALE``) that counts its calls: the output must be the
-one that attention gives, so a module that computes attention some other way (e.g. with PyTorch's
-SDPA) loses. The oracle (float64, here) uses the same weights and scale: multi-head attention as
-flashcourse.MultiHeadAttention computes it.
+for an attention of another scale (``routed_scale()``, drawn per submission from [0.35, 0.65)) that
+counts its calls: the output must be the one that attention gives, so a module that computes
+attention some other way (e.g. with PyTorch's SDPA, which it may not call) loses. The oracle
+(float64, here) uses the same weights and scale: multi-head attention as flashcourse.MultiHeadAttention
+computes it.
 """
 
 import math
 
 import torch
 
-from ..framework import ChapterChecks, CheckFailed, expect, expect_close, randn, tolerance
+from ..framework import ATTENTION, ChapterChecks, CheckFailed, expect, expect_close, randn, tolerance, uniform
 
 CHECKS = ChapterChecks("ch08", file="ch08_module", notebook="08_transformer")
-ROUTED_SCALE = 0.5
+CHECKS.exercise("MultiHeadAttention.forward", forbid=ATTENTION,
+                instead="the module computes its attention with self.attention(q, k, v, causal=self.causal), "
+                        "which the grader swaps for its own")
+
+
+def routed_scale() -> float:
+    """The scale of the attention that replaces self.attention: no submission can know it in advance."""
+    return round(uniform(0.35, 0.65, seed=11), 6)
 
 
 @CHECKS.add("split_heads", "(B, N, H·d) -> (B, H, N, d)", hint="x.view(B, N, H, d).transpose(1, 2)")
@@ -43,7 +51,7 @@ def _attend(q, k, v, causal: bool, scale: float):
 
 
 @CHECKS.driver
-def mha(module, weights, x, g, *, E, H, Hkv, causal):
+def mha(module, weights, x, g, *, E, H, Hkv, causal, scale):
     """Worker side: build the learner's module with the grader's weights, route self.attention, run it."""
     mine = module.MultiHeadAttention(E, H, num_kv_heads=Hkv, causal=causal).to(x.device)
     try:
@@ -54,7 +62,7 @@ def mha(module, weights, x, g, *, E, H, Hkv, causal):
 
     def attention(q, k, v, *, causal=False, **_):
         calls.append(bool(causal))
-        return _attend(q, k, v, causal, ROUTED_SCALE)
+        return _attend(q, k, v, causal, scale)
 
     mine.attention = attention
     x = x.clone().requires_grad_(g is not None)
@@ -73,11 +81,12 @@ def _module_check(m, E, H, Hkv, causal, N=13, B=2, grads=False):
                "out_proj.weight": randn(E, E, seed=6, scale=1 / math.sqrt(E))}
     x = randn(B, N, E, seed=3)
     g = randn(B, N, E, seed=4) if grads else None
-    got = m.run("mha", weights, x, g, E=E, H=H, Hkv=Hkv, causal=causal)
+    scale = routed_scale()
+    got = m.run("mha", weights, x, g, E=E, H=H, Hkv=Hkv, causal=causal, scale=scale)
     expect(isinstance(got, dict), f"the module could not be run [{case}]")
     expect("error" not in got, f"the module's parameters must stay qkv_proj and out_proj as given: {got.get('error')}")
     calls = got.get("calls")
-    routed = f"the grader swaps self.attention for an attention of scale {ROUTED_SCALE}"
+    routed = f"the grader swaps self.attention for an attention of scale {scale}"
     expect(calls != [], f"forward never called self.attention [{case}]",
            f"compute the attention with self.attention(q, k, v, causal=self.causal) ({routed})")
     expect(isinstance(calls, list) and len(calls) == 1,
@@ -90,7 +99,7 @@ def _module_check(m, E, H, Hkv, causal, N=13, B=2, grads=False):
     X = x.double().requires_grad_(grads)
     q, k, v = (X @ W.T).split([H * d, Hkv * d, Hkv * d], dim=-1)
     heads = lambda t, n: t.view(B, N, n, d).transpose(1, 2)  # noqa: E731
-    O = _attend(heads(q, H), heads(k, Hkv), heads(v, Hkv), causal, ROUTED_SCALE)
+    O = _attend(heads(q, H), heads(k, Hkv), heads(v, Hkv), causal, scale)
     want = O.transpose(1, 2).reshape(B, N, E) @ Wo.T
     tol = tolerance(torch.float32)
     y = got.get("y")
