@@ -28,4 +28,4 @@ def reference_attention(q, k, v, *, keep=None, dtype=torch.float64, **options):
 
 def max_error(got, want) -> float:
     """max |got − want|, in float64."""
-    return (got.double() - want.double()).abs().max().item()
+    return (got.double().cpu() - want.double().cpu()).abs().max().item()

@@ -5,6 +5,8 @@ import json
 import math
 
 import pytest
+
+import flashcourse
 import torch
 
 from flashcourse import fp8, naive_attention  # first: on a CPU it switches Triton's interpreter on
@@ -273,6 +275,7 @@ def fc_flash_attention(*args, **kwargs):
 # What flash_attention says on a machine without FP8, and about arguments FP8 does not take
 
 
+@pytest.mark.skipif(not flashcourse.INTERPRET, reason="the refusal of Triton's CPU interpreter; a GPU runs test_gpu_fp8.py")
 def test_flash_attention_refuses_fp8_on_the_cpu():
     q, k, v = make_qkv(Nq=8, d=16, dtype=torch.bfloat16)
     with pytest.raises(RuntimeError, match=r"FP8 tensor cores.*interpreter.*fp8=False"):

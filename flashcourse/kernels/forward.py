@@ -65,10 +65,13 @@ def _load_kv_tile(
     descriptor then fetches the tile Vᵀ_j (the pointer loads follow the strides either way).
     """
     if USE_TMA:
+        # (one return per branch: Triton 3.6 type-checks a return that follows a compile-time if)
         if KEY_MAJOR:
             # V_j = (Vᵀ_j)ᵀ: transposing a tile in shared memory only changes how it is read
-            return tl.trans(src.load([0, start_n]))
-        return src.load([start_n, 0])
+            tile = tl.trans(src.load([0, start_n]))
+        else:
+            tile = src.load([start_n, 0])
+        return tile
     else:
         rows = start_n + tl.arange(0, BLOCK_N)
         if pages is not None:
