@@ -30,6 +30,16 @@ def device() -> str:
 
 
 @pytest.fixture(autouse=True)
+def _autotune(request, monkeypatch):
+    """On a GPU the kernels run their first candidate configuration (one compile per key, no timing);
+    only the tests marked ``autotune`` time every candidate, as a user's calls do."""
+    if request.node.get_closest_marker("autotune") is None:
+        monkeypatch.setenv("FLASHCOURSE_AUTOTUNE", "first")
+    else:
+        monkeypatch.delenv("FLASHCOURSE_AUTOTUNE", raising=False)
+
+
+@pytest.fixture(autouse=True)
 def _float32_matmul_precision():
     """Each test starts at the default "highest" precision, and one that changes it cannot leak."""
     torch.set_float32_matmul_precision("highest")

@@ -226,8 +226,11 @@ def test_fp8_forward_error_within_twice_the_references(fp8_device, B, H, Hkv, Nq
     ref, ref_lse = fp8.reference_attention(fp8.quantize_attention_inputs(q, k, v, scaling=scaling, rotate_qk=rotate),
                                            causal=causal, dtype=torch.float64, return_lse=True)
     assert rel_err(o, exact) <= 2 * rel_err(ref, exact)
-    # L is not touched by P's rounding: the reference's, up to float32 rounding (−inf for rows with no key)
-    torch.testing.assert_close(lse.double(), ref_lse, rtol=0, atol=1e-4)
+    # L is not touched by P's rounding: the reference's, up to the rounding of S (−inf for rows with no key).
+    # Hopper's FP8 matrix units add their products with about 14 bits of mantissa, not float32's 24
+    # (DeepSeek-V3 report, section 3.3.2): S and so L are good to about 2^-13 relative there.
+    rtol = 2**-12 if o.is_cuda else 0
+    torch.testing.assert_close(lse.double(), ref_lse, rtol=rtol, atol=1e-4)
     if causal and Nq > Nk:
         assert (o[:, :, : Nq - Nk] == 0).all()
 

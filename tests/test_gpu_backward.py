@@ -39,6 +39,7 @@ def _sdpa_grads(q, k, v, do, causal):
     return torch.autograd.grad(o, (q, k, v), do)
 
 
+@pytest.mark.autotune
 @pytest.mark.parametrize("B,H,Hkv,Nq,Nk,d,causal,dtype", CASES)
 def test_gradients_at_real_sizes(B, H, Hkv, Nq, Nk, d, causal, dtype):
     q, k, v = (t.cuda() for t in make_qkv(B, H, Hkv, Nq, Nk, d, dtype=dtype, seed=Nq + d))

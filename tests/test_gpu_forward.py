@@ -56,6 +56,7 @@ GRID = [
 ]
 
 
+@pytest.mark.autotune
 @pytest.mark.parametrize("B, H, Hkv, Nq, Nk, d, causal, dtype", GRID)
 def test_gpu_matches_float64_and_sdpa(B, H, Hkv, Nq, Nk, d, causal, dtype):
     q, k, v = cuda_qkv(B, H, Hkv, Nq, Nk, d, dtype, seed=Nq + Nk + d)
@@ -89,6 +90,7 @@ def test_gpu_strided_layout_and_large_logits(dtype):
     assert torch.isfinite(o).all() and torch.isfinite(lse).all()
 
 
+@pytest.mark.autotune
 def test_gpu_autotuning_runs_once_per_key():
     from flashcourse.kernels.forward import _attn_fwd_tuned
 

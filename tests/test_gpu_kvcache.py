@@ -45,6 +45,7 @@ def test_gpu_kvcache_pairwise(case, pinned_configs):
                   **MASKS[case["mask"]])
 
 
+@pytest.mark.autotune
 @pytest.mark.parametrize("heads", [(6, 6), (6, 1), (32, 8)])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_gpu_decoding_autotuned(heads, dtype):

@@ -49,6 +49,7 @@ def test_gpu_options_d128(option, dtype, pinned_configs):
     check_accuracy("cuda", dtype, 1, 4, 2, 777, 1000, 128, seed=3, causal=True, **OPTIONS[option])
 
 
+@pytest.mark.autotune
 @pytest.mark.parametrize("option", ["window-both", "softcap", "alibi-BH", "dropout"])
 def test_gpu_options_autotuned(option):
     """The same options through the autotuner (every candidate configuration compiled and timed)."""

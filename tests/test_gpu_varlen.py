@@ -58,6 +58,7 @@ def test_gpu_varlen_d128_and_empty_sequences(option, dtype, pinned_configs):  # 
     check_varlen("cuda", dtype, lengths, 4, 2, 128, seed=3, causal=True, **OPTIONS[option])
 
 
+@pytest.mark.autotune
 @pytest.mark.parametrize("option", ["window-both", "softcap", "alibi-BH", "dropout", "none"])
 def test_gpu_varlen_autotuned(option):
     """The autotuner's candidates on a packed batch (every candidate compiled and timed)."""

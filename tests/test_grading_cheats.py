@@ -203,6 +203,9 @@ def test_a_process_a_thread_a_file_or_ctypes_is_refused_to_the_submission(tmp_pa
              "import sys\nsys._getframe(0)": "looked at the grader's frames",
              "import os, signal\nos.kill(os.getppid(), signal.SIGSTOP)": "sent a signal (os.kill)",
              "import torch\ntorch.load('/tmp/answers.pt')": "opened a file (open /tmp/answers.pt)"}
+    if sys.version_info >= (3, 12):  # cProfile is a sys.monitoring tool there
+        cases["import sys\nsys.monitoring.set_events(sys.monitoring.PROFILER_ID, 0)"] = \
+            "switched the profiler off (sys.monitoring.set_events)"
     folder = tmp_path
     for code, words in cases.items():
         submit(folder, ch01_naive=solution("ch01_naive") + "\n" + code + "\n")
@@ -214,6 +217,11 @@ def test_a_process_a_thread_a_file_or_ctypes_is_refused_to_the_submission(tmp_pa
     results = grade(["ch02"], submit(folder, ch02_softmax=inside), exercises=["safe_softmax"])
     assert _points(results)[0] == 0 and "started a thread (threading." in results[0].message
     assert "in safe_softmax" in results[0].message
+    if sys.version_info >= (3, 12):  # the profiler switched off (and on again) inside a call
+        toggled = body(solution("ch02_softmax"), "safe_softmax", "import sys\nm = sys.monitoring\nm.set_events(m.PROFILER_ID, 0)\n"
+                                                                 "return torch.softmax(x, -1)")
+        results = grade(["ch02"], submit(folder, ch02_softmax=toggled), exercises=["safe_softmax"])
+        assert _points(results)[0] == 0 and "switched the profiler off" in results[0].message, results[0].message
 
 
 def test_the_grader_itself_is_off_limits(tmp_path):

@@ -4,6 +4,7 @@ see, and the whole script runs at toy sizes."""
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,14 +16,21 @@ from flashcourse.kernels.configs import KernelConfig, parse_config
 from flashcourse.kernels.forward import attention_forward
 from helpers import make_qkv
 
+# the benchmarks read and time the autotuner's candidates (conftest.py)
+pytestmark = pytest.mark.autotune
+
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "perf_experiments.py"
 
 
 def perf_experiments():
-    spec = importlib.util.spec_from_file_location("perf_experiments", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """The script as the module ``perf_experiments``, loaded once: its spawned compile processes pickle
+    its functions by that name."""
+    if "perf_experiments" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("perf_experiments", SCRIPT)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["perf_experiments"] = module
+        spec.loader.exec_module(module)
+    return sys.modules["perf_experiments"]
 
 
 def test_parse_config_takes_warp_specialization():

@@ -5,7 +5,8 @@ good as that process is honest. These make the plain ways around them fail:
 
 - an audit hook (which Python code cannot remove) refuses to the submission's own code processes,
   programs, signals, files, ctypes, switching the profiler off, and looking at frames or at the garbage
-  collector's objects; wrappers refuse threads, signal handlers and timers (``guard_the_process``);
+  collector's objects; wrappers refuse threads, signal handlers, timers and (Python 3.12+, where cProfile
+  is a ``sys.monitoring`` tool) monitoring calls (``guard_the_process``);
 - ``Integrity`` records the functions and classes of Python, torch, numpy, Triton, flashcourse and the
   grader before any learner code runs, and names the first that changed, after the import and after
   every call.
@@ -98,6 +99,8 @@ def _namespaces() -> list:
     spaces.append(("cProfile.Profile", cProfile.Profile))
     spaces += [("sys", sys, ("getprofile", "setprofile", "settrace", "gettrace", "_getframe", "exc_info", "addaudithook",
                              "audit"))]
+    if hasattr(sys, "monitoring"):
+        spaces.append(("sys.monitoring", sys.monitoring))
     spaces += [(f"{c.__module__}.{c.__name__}", c) for c in _kernel_classes()]
     spaces.append(("sys.modules", sys.modules, [n for n in sys.modules if n == "flashcourse" or n.startswith("flashcourse.")]))
     for name, module in list(sys.modules.items()):
@@ -217,4 +220,25 @@ def guard_the_process(frames: LearnerFrames, refuse) -> None:
             return _original(*args, **kwargs)
 
         setattr(module, name, start)
+    # Python 3.12+: cProfile is a sys.monitoring tool (its calls come from the grader's frames)
+    monitoring = getattr(sys, "monitoring", None)
+    for name in ("use_tool_id", "free_tool_id", "clear_tool_id", "set_events", "set_local_events", "register_callback"):
+        original = getattr(monitoring, name, None)
+        if original is None:
+            continue
+
+        def monitor(*args, _original=original, _event=f"sys.monitoring.{name}", **kwargs):
+            if frames.learner_frame(sys._getframe(1)):
+                refuse("switched the profiler off", _event)
+            return _original(*args, **kwargs)
+
+        setattr(monitoring, name, monitor)
     sys.addaudithook(audit)
+
+
+def profiling(profiler) -> bool:
+    """Whether ``profiler`` (an enabled cProfile.Profile) still sees every call."""
+    monitoring = getattr(sys, "monitoring", None)
+    if monitoring is None:  # Python 3.11: the profile function
+        return sys.getprofile() is profiler
+    return monitoring.get_tool(monitoring.PROFILER_ID) is not None and monitoring.get_events(monitoring.PROFILER_ID) != 0

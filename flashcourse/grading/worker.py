@@ -47,7 +47,7 @@ from .checks import chapter as chapter_checks
 from .framework import ALLOWED, STUB_SUFFIX
 from .launches import TorchWork, Watch, watching_launches
 from .probes import PROBES
-from .sandbox import SITE, STDLIB, Integrity, LearnerFrames, guard_the_process, trusted_roots
+from .sandbox import SITE, STDLIB, Integrity, LearnerFrames, guard_the_process, profiling, trusted_roots
 
 MAX_OUTPUT = 2000  # characters of printed output kept per call
 PACKAGE = Path(flashcourse.__file__).resolve().parent
@@ -435,7 +435,7 @@ class Worker:
                     error = e
                 finally:
                     if profiler:
-                        stopped = sys.getprofile() is not profiler
+                        stopped = not profiling(profiler)
                         profiler.disable()
             if device != "cpu" and error is None:
                 torch.cuda.synchronize()
