@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 
 from ._checks import check_attention_inputs, check_flag, softmax_scale
+from ._env import resolve_device
 from .kernels.backward import attention_backward
 from .kernels.forward import attention_forward
 from .ops import KERNEL_DTYPES, flash_attention
@@ -541,17 +542,20 @@ def example_rank(rank: int, world_size: int, q, k, v, dO, causal: bool = True) -
     """One rank's part of chapter 11's demonstration: ring attention in both layouts and Ulysses on this
     rank's shards of the whole sequence (q, k, v), forward and backward with dO.
 
-    Returns {"ring-zigzag" | "ring-contiguous" | "ulysses": [O, dQ, dK, dV]}, this rank's shards on the CPU.
+    The shards compute where the kernels run (``resolve_device``: this rank's GPU under NCCL, else the GPU
+    when there is one, else the CPU). Returns {"ring-zigzag" | "ring-contiguous" | "ulysses": [O, dQ, dK,
+    dV]}, this rank's shards on the CPU.
     """
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else resolve_device(None)
     out = {}
     for name in ("ring-zigzag", "ring-contiguous", "ulysses"):
         layout = "zigzag" if name == "ring-zigzag" else "contiguous"
-        q_r, k_r, v_r = (shard(t, rank, world_size, layout).requires_grad_() for t in (q, k, v))
+        q_r, k_r, v_r = (shard(t, rank, world_size, layout).to(device).requires_grad_() for t in (q, k, v))
         if name == "ulysses":
             o = ulysses_attention(q_r, k_r, v_r, causal=causal)
         else:
             o = ring_attention(q_r, k_r, v_r, causal=causal, layout=layout)
-        o.backward(shard(dO, rank, world_size, layout))
+        o.backward(shard(dO, rank, world_size, layout).to(device))
         out[name] = [t.detach().cpu() for t in (o, q_r.grad, k_r.grad, v_r.grad)]
     return out
 

@@ -264,7 +264,7 @@ MUTANTS += [
     ("ch11_ring", "fold", "merge_states of chapter 02", ("body", "fold", "from flashcourse.softmax import SoftmaxState, finalize, merge_states\n"
                                                       "state = lambda O, L: SoftmaxState(L.float(), torch.isfinite(L).float(), O.float())\n"
                                                       "return finalize(merge_states(state(O, L), state(O_b, L_b)))"),
-     "calls flashcourse.softmax.merge_states"),
+     "flashcourse.softmax.merge_states"),  # (and finalize: each function the file called is named)
     ("ch11_ring", "shard_positions", "zigzag's late chunk one off", ("[rank, 2 * world_size - 1 - rank]", "[rank, 2 * world_size - 2 - rank]"),
      None),
     ("ch11_ring", "shard_positions", "no ValueError for a length that does not divide", ("    if N % chunks:\n", "    if False:\n"),

@@ -20,6 +20,7 @@ learner code, and that forks a fresh worker on request (setting its session, use
 With a GPU each worker is a new Python process (CUDA does not survive a fork).
 """
 
+import atexit
 import contextlib
 import ctypes
 import ctypes.util
@@ -214,6 +215,16 @@ class Zygote:
             self.process.wait()
             raise OSError("the zygote did not answer") from None
 
+    def close(self) -> None:
+        """End the zygote (it exits when its socket closes) and wait for it: no grader process outlives
+        the grading."""
+        self.socket.close()
+        try:
+            self.process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
     def fork(self, fds, **options) -> int:
         return int(self._ask({"op": "fork", **options}, fds)["pid"])
 
@@ -270,15 +281,16 @@ def _child(options: dict, request_fd: int, reply_fd: int, control: socket.socket
 def main() -> None:
     """The zygote (``python -c ... procs main FD``): import everything a worker needs, then fork on request."""
     control = socket.socket(fileno=int(sys.argv[1]))
-    from . import worker  # noqa: F401  (torch, Triton's interpreter, flashcourse and the checks, once)
+    from . import worker  # (torch, Triton's interpreter, flashcourse and the checks, once)
     from .checks import all_chapters
 
     all_chapters()
+    worker.warm_up()
     statuses, buffer = {}, b""
     while True:
         data, fds, _, _ = socket.recv_fds(control, 1 << 16, 8)
-        if not data:
-            return
+        if not data:  # the grader is done: nothing to tear down
+            os._exit(0)
         buffer += data
         while b"\n" in buffer:
             line, buffer = buffer.split(b"\n", 1)
@@ -326,6 +338,7 @@ def zygote(repo_root: Path) -> Optional[Zygote]:
         return None
     if _zygote is None or not _zygote.alive():
         _zygote = Zygote(repo_root)
+        atexit.register(_zygote.close)
     return _zygote
 
 
