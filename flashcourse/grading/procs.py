@@ -285,7 +285,7 @@ def main() -> None:
     from .checks import all_chapters
 
     all_chapters()
-    worker.warm_up()
+    worker.warm_up()  # once here, not in each forked worker
     statuses, buffer = {}, b""
     while True:
         data, fds, _, _ = socket.recv_fds(control, 1 << 16, 8)
