@@ -218,6 +218,9 @@ class Zygote:
     def close(self) -> None:
         """End the zygote (it exits when its socket closes) and wait for it: no grader process outlives
         the grading."""
+        with contextlib.suppress(OSError):
+            self.socket.shutdown(socket.SHUT_RDWR)
+        self.lines.close()
         self.socket.close()
         try:
             self.process.wait(timeout=5)
