@@ -169,6 +169,7 @@ class Session:
         self.local = None
         self.request_id, self.answered = None, False  # answered: the process has answered a call before
         self.cpu_spent = self.cpu_seen = 0.0
+        self.cpu_start = 0.0  # CPU seconds the current worker spent starting (imports): not the learner's
         self.disqualified = {}  # exercise (or None: the whole file) -> CheckFailed to repeat
         used = grader_use(self.source) if self.source is not None else None
         if used:
@@ -194,6 +195,7 @@ class Session:
         if not isinstance(wire.decode(header, blobs), dict):
             self.stop()
             raise TargetError("the grading worker process did not start: run `flashcourse doctor`")
+        self.cpu_start, self.cpu_seen = self.process.cpu_seconds() or 0.0, 0.0
 
     def stop(self) -> None:
         if self.process is not None:
@@ -205,7 +207,7 @@ class Session:
         """CPU seconds used by this session's workers so far (the last one as last seen, if it is gone)."""
         if self.process is not None:
             seen = self.process.cpu_seconds()
-            self.cpu_seen = seen if seen is not None else self.cpu_seen
+            self.cpu_seen = seen - self.cpu_start if seen is not None else self.cpu_seen
         return self.cpu_spent + self.cpu_seen
 
     def request(self, message: dict, budget: "Budget", device: str) -> tuple:
@@ -215,7 +217,9 @@ class Session:
         if not self.isolate:
             return self._local(message, device)
         if self.process is None:
+            began = time.monotonic()
             self._start()
+            budget.exclude(time.monotonic() - began)  # starting Python and torch is not the learner's time
         self.process.send(message)
         names, started = [], False
         while True:
@@ -283,6 +287,10 @@ class Budget:
         self.session, self.seconds = session, seconds
         self.cpu = session.cpu_used() if session.isolate else 0.0
         self.wall = time.monotonic() + WALL_FACTOR * seconds
+
+    def exclude(self, seconds: float) -> None:
+        """Do not count these seconds of wall time (a worker starting)."""
+        self.wall += seconds
 
     def left(self) -> float:
         """Seconds to wait for a reply before looking again; 0 once the budget is spent."""
