@@ -161,5 +161,5 @@ def test_ci_runs_the_readme_test_command():
 def test_readme_tells_the_routes_a_learner_needs():
     readme = (ROOT / "README.md").read_text()
     for words in ("conda env create -f environment.yml", "PIP_EXTRA_INDEX_URL", "--allow-root", "WSL2", "Colab",
-                  '-m "not slow"', "-n 2", "<!-- TIME -->", "python -m flashcourse"):
+                  '-m "not slow"', "-n auto", "-n 0", "<!-- TIME -->", "python -m flashcourse"):
         assert words in readme, words
